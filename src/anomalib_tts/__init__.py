@@ -1,0 +1,27 @@
+"""Test-time training for anomaly segmentation (TTT4AS) as an anomalib callback."""
+
+from anomalib_tts.callback import TestTimeSegmentation
+from anomalib_tts.classifiers import CLASSIFIERS, LinearSVM, LogisticRegression
+from anomalib_tts.features import FEATURES, FeaturePyramid, ModelFeatures, TimmFeatures
+from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PercentilePeaks, PseudoLabels, RobustNominal
+from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
+
+__all__ = [
+    "CLASSIFIERS",
+    "FEATURES",
+    "LABELERS",
+    "FeaturePyramid",
+    "LinearSVM",
+    "LogisticRegression",
+    "ModelFeatures",
+    "NominalAware",
+    "Outcome",
+    "PercentilePeaks",
+    "PseudoLabels",
+    "Refinement",
+    "RobustNominal",
+    "TestTimeRefiner",
+    "TestTimeSegmentation",
+    "TimmFeatures",
+]
+__version__ = "0.1.0"

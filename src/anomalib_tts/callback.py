@@ -1,0 +1,268 @@
+"""The Lightning callback that plugs test-time refinement into anomalib's test and predict loops."""
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from typing_extensions import override
+
+from anomalib_tts.classifiers import CLASSIFIERS
+from anomalib_tts.features import FeatureProvider, ModelFeatures, TimmFeatures
+from anomalib_tts.pseudo_labels import LABELERS
+from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
+from anomalib_tts.sampling import content_seeds, path_seeds
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PSEUDO_LABELS = "robust"
+STAGES = ("test", "predict", "validate")
+
+
+@dataclass
+class RefinementStats:
+    """Counters of one epoch, reduced over the batches the callback saw."""
+
+    images: int = 0
+    seconds: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=lambda: {outcome.name.lower(): 0 for outcome in Outcome})
+    positives: int = 0
+    negatives: int = 0
+
+    def update(self, result: Refinement, seconds: float) -> None:
+        """Add one batch."""
+        counts = torch.bincount(result.outcome, minlength=len(Outcome)).tolist()
+        for outcome, count in zip(Outcome, counts, strict=False):
+            self.outcomes[outcome.name.lower()] += count
+        refined = result.refined
+        self.positives += int(result.num_positives[refined].sum())
+        self.negatives += int(result.num_negatives[refined].sum())
+        self.images += result.outcome.numel()
+        self.seconds += seconds
+
+    @property
+    def refined(self) -> int:
+        """Images whose mask was replaced."""
+        return self.outcomes["refined"]
+
+    def as_metrics(self) -> dict[str, float]:
+        """Flat numbers for ``pl_module.log``."""
+        refined = max(self.refined, 1)
+        return {
+            "tts_images_refined": float(self.refined),
+            "tts_images_kept": float(self.images - self.refined),
+            "tts_mean_positives": self.positives / refined,
+            "tts_mean_negatives": self.negatives / refined,
+            "tts_seconds_per_image": self.seconds / max(self.images, 1),
+        }
+
+
+class TestTimeSegmentation(Callback):
+    """Replaces anomalib's thresholded ``pred_mask`` by a per-image classifier trained at test time (TTT4AS).
+
+    For each image, confidently defective and confidently normal pixels are taken from the normalized score
+    map, frozen backbone features are read at those pixels, a linear classifier is fitted on them (all images of
+    a batch at once, on the batch's device), and every pixel is classified. The callback places itself right
+    after the model's PostProcessor, so anomalib's Evaluator, Visualizer and returned predictions all see the
+    refined masks. Images it cannot refine (no confident defect, too few normal pixels) keep their mask.
+
+    Args:
+        pseudo_labels: Pseudo-label recipe: ``"robust"`` (default), ``"nominal"`` or ``"percentile"`` (the paper's).
+        pseudo_label_args: Keyword arguments of the recipe (e.g. ``{"positive_margin": 0.1}``).
+        backbone: timm backbone for pixel features, or ``"model"`` to reuse the anomalib model's own
+            ``TimmFeatureExtractor`` output (no second forward pass).
+        layers: Backbone layers; ``None`` picks the usual ones for known backbones.
+        pre_trained: Load pretrained backbone weights (timm / Hugging Face cache).
+        weights: Local state dict file for the backbone, for machines without network access.
+        classifier: ``"svm"`` (linear SVM, squared hinge, as in the paper) or ``"logistic"``.
+        classifier_args: Keyword arguments of the classifier (``l2``, ``max_iter``).
+        gate: ``"none"`` refines every image whose map has confident defect pixels; ``"pred_label"`` refines
+            only images anomalib labels anomalous.
+        max_positives: Cap on positives sampled per image.
+        max_negatives: Cap on negatives sampled per image.
+        min_positives: Fewer confident positives: the image keeps its mask.
+        min_negatives: Fewer confident negatives: the image keeps its mask.
+        stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"``.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> from anomalib.models import Patchcore
+        >>> engine = Engine(callbacks=[TestTimeSegmentation()])  # doctest: +SKIP
+        >>> engine.test(Patchcore(), datamodule=datamodule)  # doctest: +SKIP
+
+        In an anomalib YAML::
+
+            trainer:
+              callbacks:
+                - class_path: anomalib_tts.TestTimeSegmentation
+                  init_args:
+                    backbone: wide_resnet50_2
+    """
+
+    def __init__(
+        self,
+        pseudo_labels: str = DEFAULT_PSEUDO_LABELS,
+        pseudo_label_args: dict[str, Any] | None = None,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        weights: str | None = None,
+        classifier: str = "svm",
+        classifier_args: dict[str, Any] | None = None,
+        gate: Literal["none", "pred_label"] = "none",
+        max_positives: int = 1000,
+        max_negatives: int = 1000,
+        min_positives: int = 10,
+        min_negatives: int = 10,
+        stages: Sequence[str] = ("test", "predict"),
+    ) -> None:
+        super().__init__()
+        if gate not in {"none", "pred_label"}:
+            msg = f"gate must be 'none' or 'pred_label', got {gate!r}"
+            raise ValueError(msg)
+        unknown_stages = sorted(set(stages) - set(STAGES))
+        if unknown_stages:
+            msg = f"stages must be among {STAGES}, got {unknown_stages}"
+            raise ValueError(msg)
+        labeler = _build(LABELERS.get(pseudo_labels), pseudo_label_args, "pseudo_label_args")
+        pixel_classifier = _build(CLASSIFIERS.get(classifier), classifier_args, "classifier_args")
+        features: FeatureProvider
+        if backbone == "model":
+            features = ModelFeatures()
+        else:
+            features = TimmFeatures(backbone=backbone, layers=layers, pre_trained=pre_trained, weights=weights)
+        self.refiner = TestTimeRefiner(
+            labeler,
+            features,
+            pixel_classifier,
+            max_positives=max_positives,
+            max_negatives=max_negatives,
+            min_positives=min_positives,
+            min_negatives=min_negatives,
+        )
+        self.gate = gate
+        self.stages = tuple(stages)
+        self.nominal_threshold = 0.5
+        self.stats = RefinementStats()
+        self._post_processor: Any = None
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._place_after_post_processor(trainer, pl_module)
+        self._post_processor = getattr(pl_module, "post_processor", None) or None
+        if self._post_processor is not None and hasattr(self._post_processor, "normalized_pixel_threshold"):
+            self.nominal_threshold = float(self._post_processor.normalized_pixel_threshold)
+        self.refiner.features.setup(pl_module)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if isinstance(self.refiner.features, ModelFeatures):
+            self.refiner.features.teardown()
+
+    def _place_after_post_processor(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Move this callback right after the PostProcessor (else before the Evaluator / Visualizer)."""
+        from anomalib.metrics import Evaluator
+        from anomalib.visualization import Visualizer
+
+        callbacks = [callback for callback in trainer.callbacks if callback is not self]
+        post_processor = getattr(pl_module, "post_processor", None)
+        positions = [index for index, callback in enumerate(callbacks) if callback is post_processor]
+        if positions:
+            position = positions[0] + 1
+        else:
+            readers = [i for i, callback in enumerate(callbacks) if isinstance(callback, Evaluator | Visualizer)]
+            position = readers[0] if readers else len(callbacks)
+        callbacks.insert(position, self)
+        trainer.callbacks = callbacks
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stats = RefinementStats()
+
+    @override
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stats = RefinementStats()
+
+    @override
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        if "test" in self.stages:
+            self.refine_batch(outputs)
+
+    @override
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        if "predict" in self.stages:
+            self.refine_batch(outputs)
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        if "validate" in self.stages and trainer.state.fn == "validate":
+            self.refine_batch(outputs)
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for name, value in self.stats.as_metrics().items():
+            pl_module.log(name, value, sync_dist=True, reduce_fx="sum" if "images" in name else "mean")
+        self._log_summary()
+
+    @override
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_summary()
+
+    def _log_summary(self) -> None:
+        logger.info(
+            "test-time segmentation: refined %d of %d images (%s), %.1f ms per image",
+            self.stats.refined,
+            self.stats.images,
+            ", ".join(f"{name}: {count}" for name, count in self.stats.outcomes.items() if count),
+            1000 * self.stats.seconds / max(self.stats.images, 1),
+        )
+
+    def refine_batch(self, batch: Any) -> Refinement | None:
+        """Refine ``batch.pred_mask`` in place from ``batch.anomaly_map`` and ``batch.image``.
+
+        Returns:
+            The batch's :class:`Refinement`, or ``None`` when the batch carries no anomaly map.
+        """
+        anomaly_map: Tensor | None = getattr(batch, "anomaly_map", None)
+        if anomaly_map is None:
+            logger.warning("test-time segmentation: the batch has no anomaly_map; masks left as they are")
+            return None
+        start = time.perf_counter()
+        score_maps = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
+        original = batch.pred_mask if batch.pred_mask is not None else score_maps > self.nominal_threshold
+        paths = getattr(batch, "image_path", None)
+        seeds = path_seeds(paths, score_maps.device) if paths else content_seeds(score_maps)
+        eligible = None
+        if self.gate == "pred_label" and getattr(batch, "pred_label", None) is not None:
+            eligible = batch.pred_label.reshape(-1).bool()
+
+        result = self.refiner(batch.image, score_maps, original, self.nominal_threshold, seeds, eligible)
+        batch.pred_mask = result.masks.reshape(original.shape)
+        self.stats.update(result, time.perf_counter() - start)
+        self._warn_kept(result, paths)
+        return result
+
+    @staticmethod
+    def _warn_kept(result: Refinement, paths: Sequence[str] | None) -> None:
+        """Warn, naming the image, where refinement should have run but could not."""
+        unexpected = (result.outcome == Outcome.FEW_NEGATIVES) | (result.outcome == Outcome.FIT_FAILED)
+        for index in unexpected.nonzero()[:, 0].tolist():
+            name = paths[index] if paths else f"image {index} of the batch"
+            reason = Outcome(int(result.outcome[index])).name.lower()
+            logger.warning("test-time segmentation kept anomalib's mask for %s (%s)", name, reason)
+
+
+def _build(cls: type, kwargs: dict[str, Any] | None, argument: str) -> Any:
+    try:
+        return cls(**(kwargs or {}))
+    except TypeError as error:
+        msg = f"{argument} does not fit {cls.__name__}: {error}"
+        raise ValueError(msg) from error

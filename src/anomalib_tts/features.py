@@ -1,0 +1,272 @@
+"""Pixel features: frozen backbone feature maps, standardized per image, read at any pixel.
+
+A provider turns a batch of images into a list of feature maps (one per layer, any resolution). The
+:class:`FeaturePyramid` standardizes them per image and channel and serves the two operations the rest of the
+pipeline needs: reading features at sampled pixel coordinates (bilinear, for fitting) and projecting a linear
+classifier onto every pixel. The projection is computed at each layer's own resolution and only the resulting
+score map is upsampled, which equals classifying bilinearly upsampled features (both operations are linear)
+without ever building full-resolution feature maps.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from anomalib_tts.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULT_LAYERS = {
+    "wide_resnet50_2": ("layer2", "layer3"),
+    "resnet18": ("layer2", "layer3"),
+    "resnet50": ("layer2", "layer3"),
+    "tf_efficientnet_lite0": ("blocks.2", "blocks.4"),
+}
+
+
+def flat_to_grid(indices: Tensor, height: int, width: int) -> Tensor:
+    """Flat pixel indices ``(B, N)`` of an ``height x width`` map -> ``grid_sample`` coordinates ``(B, N, 2)``.
+
+    Coordinates are pixel centres in ``[-1, 1]`` (``align_corners=False``), so they address the same place
+    in feature maps of any resolution.
+    """
+    rows = torch.div(indices, width, rounding_mode="floor")
+    cols = indices - rows * width
+    x = (2 * cols.float() + 1) / width - 1
+    y = (2 * rows.float() + 1) / height - 1
+    return torch.stack((x, y), dim=-1)
+
+
+class FeaturePyramid:
+    """Feature maps of one batch, standardized per image and channel.
+
+    Args:
+        feature_maps: ``(B, C_l, h_l, w_l)`` maps, one per layer; any float dtype (computed in float32).
+        eps: Floor of the per-channel standard deviation.
+
+    Example:
+        >>> pyramid = FeaturePyramid([torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)])
+        >>> pyramid.num_channels
+        10
+        >>> pyramid.sample(torch.zeros(2, 5, 2)).shape
+        torch.Size([2, 5, 10])
+        >>> pyramid.project(torch.ones(2, 10), (32, 32)).shape
+        torch.Size([2, 32, 32])
+    """
+
+    def __init__(self, feature_maps: Sequence[Tensor], eps: float = 1e-6) -> None:
+        self.levels: list[Tensor] = []
+        for feature_map in feature_maps:
+            level = feature_map.float()
+            mean = level.mean(dim=(2, 3), keepdim=True)
+            std = level.std(dim=(2, 3), keepdim=True, unbiased=False).clamp(min=eps)
+            self.levels.append((level - mean) / std)
+        self.channels = [level.shape[1] for level in self.levels]
+
+    @property
+    def num_channels(self) -> int:
+        """Total number of channels over all layers."""
+        return sum(self.channels)
+
+    def sample(self, grid: Tensor) -> Tensor:
+        """Bilinear features at ``grid`` coordinates ``(B, N, 2)`` -> ``(B, N, C)``."""
+        sampled = [
+            F.grid_sample(level, grid[:, None], mode="bilinear", padding_mode="border", align_corners=False)[:, :, 0]
+            for level in self.levels
+        ]
+        return torch.cat(sampled, dim=1).transpose(1, 2)
+
+    def project(self, weight: Tensor, size: tuple[int, int]) -> Tensor:
+        """``sum_c weight[b, c] * feature[b, c]`` at every pixel of a ``size`` map -> ``(B, *size)``."""
+        score = None
+        for level, level_weight in zip(self.levels, weight.split(self.channels, dim=1), strict=True):
+            level_score = torch.einsum("bchw,bc->bhw", level, level_weight)[:, None]
+            level_score = F.interpolate(level_score, size=size, mode="bilinear", align_corners=False)[:, 0]
+            score = level_score if score is None else score + level_score
+        assert score is not None
+        return score
+
+
+class FeatureProvider(Protocol):
+    """Protocol of a pixel-feature source."""
+
+    def setup(self, pl_module: LightningModule | None) -> None:
+        """Prepare for a run of ``pl_module`` (``None`` outside Lightning); raise ``ValueError`` if unusable."""
+        ...
+
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        """Feature maps ``(B, C_l, h_l, w_l)`` of a batch of ``(B, 3, H, W)`` images."""
+        ...
+
+
+FEATURES: Registry[FeatureProvider] = Registry("feature provider")
+
+
+class MissingWeightsError(RuntimeError):
+    """Pretrained weights could not be loaded (typically: no network and no local copy)."""
+
+
+def _missing_weights_message(backbone: str, error: Exception) -> str:
+    return (
+        f"could not load pretrained weights for backbone {backbone!r} ({type(error).__name__}: {error}). "
+        "Without network access, provide them in one of these ways: point HF_HUB_CACHE at a Hugging Face hub "
+        "cache that holds them and set HF_HUB_OFFLINE=1; pass weights='/path/to/state_dict.pth' (a timm "
+        "state dict of the same architecture); or pass pre_trained=False to use random weights "
+        "(masks will be worse)."
+    )
+
+
+def create_backbone(
+    backbone: str,
+    layers: Sequence[str],
+    pre_trained: bool = True,
+    weights: str | Path | None = None,
+) -> nn.Module:
+    """A frozen, eval-mode anomalib ``TimmFeatureExtractor`` for ``backbone``'s ``layers``.
+
+    Raises:
+        MissingWeightsError: Pretrained weights could not be fetched or read; the message says how to
+            provide them.
+    """
+    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+
+    from_hub = pre_trained and weights is None
+    try:
+        extractor = TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=from_hub)
+    except (OSError, RuntimeError) as error:
+        if not from_hub or not (isinstance(error, OSError) or _looks_like_download_error(error)):
+            raise
+        raise MissingWeightsError(_missing_weights_message(backbone, error)) from error
+    if weights is not None:
+        try:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        except OSError as error:
+            raise MissingWeightsError(_missing_weights_message(backbone, error)) from error
+        state_dict = state_dict.get("state_dict", state_dict)
+        missing, _ = extractor.feature_extractor.load_state_dict(state_dict, strict=False)
+        if missing:
+            msg = f"weights file {weights} does not fit backbone {backbone!r}: missing {missing[:5]}..."
+            raise ValueError(msg)
+    return extractor.eval().requires_grad_(False)
+
+
+def _looks_like_download_error(error: Exception) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return any(word in text for word in ("hub", "offline", "connect", "resolve", "download", "internet"))
+
+
+@FEATURES.register("timm")
+class TimmFeatures:
+    """A separate frozen timm backbone (``features_only``), run on the batch's images.
+
+    Images are expected normalized as anomalib's pre-processors leave them (ImageNet mean/std); when a
+    batch looks un-normalized (all values in ``[0, 1]``) it is normalized here first.
+
+    Args:
+        backbone: timm model name.
+        layers: Layers to read; ``None`` picks the usual ones for known backbones.
+        pre_trained: Load pretrained weights (from the timm / Hugging Face cache).
+        weights: Path of a local state dict to load instead of downloading.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        weights: str | Path | None = None,
+    ) -> None:
+        if layers is None:
+            if backbone not in DEFAULT_LAYERS:
+                msg = f"layers must be given for backbone {backbone!r} (defaults exist for {sorted(DEFAULT_LAYERS)})"
+                raise ValueError(msg)
+            layers = DEFAULT_LAYERS[backbone]
+        if not layers:
+            msg = "layers must name at least one layer"
+            raise ValueError(msg)
+        self.backbone = backbone
+        self.layers = tuple(layers)
+        self.pre_trained = pre_trained
+        self.weights = weights
+        self._extractor: nn.Module | None = None
+
+    def setup(self, pl_module: LightningModule | None) -> None:
+        del pl_module
+        if self._extractor is None:
+            self._extractor = create_backbone(self.backbone, self.layers, self.pre_trained, self.weights)
+
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        self.setup(None)
+        assert self._extractor is not None
+        self._extractor.to(images.device)
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        images = images.float()
+        if images.min() >= 0 and images.max() <= 1:
+            mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
+            std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
+            images = (images - mean) / std
+        with torch.no_grad():
+            return list(self._extractor(images).values())
+
+
+@FEATURES.register("model")
+class ModelFeatures:
+    """Reuses the anomalib model's own ``TimmFeatureExtractor`` output for the same batch (no second pass).
+
+    A forward hook keeps the features the model computed during its test/predict step; the callback reads
+    them right after. If the hook has nothing for the batch (e.g. the model was not run on these images),
+    the extractor is run once on the images.
+    """
+
+    def __init__(self) -> None:
+        self._extractor: nn.Module | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._cached: list[Tensor] | None = None
+
+    def setup(self, pl_module: LightningModule | None) -> None:
+        from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+
+        if pl_module is None:
+            msg = "backbone='model' needs an anomalib model; use a timm backbone name outside Lightning"
+            raise ValueError(msg)
+        extractors = [module for module in pl_module.modules() if isinstance(module, TimmFeatureExtractor)]
+        if not extractors:
+            msg = (
+                f"backbone='model' needs an anomalib model with a TimmFeatureExtractor (PatchCore, PaDiM, ...); "
+                f"{type(pl_module).__name__} has none: pass a timm backbone name instead, e.g. "
+                "backbone='wide_resnet50_2'"
+            )
+            raise ValueError(msg)
+        if self._extractor is extractors[0]:
+            return
+        self.teardown()
+        self._extractor = extractors[0]
+        self._hook = self._extractor.register_forward_hook(self._keep_output)
+
+    def _keep_output(self, module: nn.Module, inputs: tuple[Tensor, ...], output: dict) -> None:
+        del module, inputs
+        self._cached = list(output.values())
+
+    def teardown(self) -> None:
+        """Remove the forward hook."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = None
+        self._cached = None
+
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        if self._extractor is None:
+            msg = "ModelFeatures.setup(pl_module) must be called first"
+            raise RuntimeError(msg)
+        cached, self._cached = self._cached, None
+        if cached is not None and cached[0].shape[0] == images.shape[0]:
+            return cached
+        with torch.no_grad():
+            return list(self._extractor(images).values())

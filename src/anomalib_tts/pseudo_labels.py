@@ -1,0 +1,224 @@
+"""Score map -> pseudo-labels: which pixels of an image are confidently defective or confidently normal.
+
+Every labeler takes the batch of score maps as the PostProcessor leaves them (normalized so that the nominal
+pixel threshold sits at ``nominal_threshold``, 0.5 by default) and returns dense boolean maps. Non-finite
+pixels are never labeled, and the two sets never overlap.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+from anomalib_tts.registry import Registry
+
+
+@dataclass
+class PseudoLabels:
+    """Dense pseudo-labels for a batch: ``(B, H, W)`` bool maps."""
+
+    positive: Tensor
+    negative: Tensor
+
+
+class PseudoLabeler(Protocol):
+    """Protocol of a pseudo-label recipe."""
+
+    def __call__(self, score_maps: Tensor, nominal_threshold: float) -> PseudoLabels:
+        """Label the ``(B, H, W)`` score maps."""
+        ...
+
+
+LABELERS: Registry[PseudoLabeler] = Registry("pseudo-label recipe")
+
+
+def masked_quantile(values: Tensor, valid: Tensor, quantile: float) -> Tensor:
+    """Per-image quantile over the valid pixels (lower interpolation; no size limit, unlike ``torch.quantile``).
+
+    Args:
+        values: ``(B, H, W)`` maps.
+        valid: ``(B, H, W)`` bool, pixels that count.
+        quantile: In ``[0, 1]``.
+
+    Returns:
+        ``(B,)`` quantiles; ``nan`` for an image with no valid pixel.
+    """
+    flat = torch.where(valid, values, torch.full_like(values, float("inf"))).flatten(1)
+    ordered = flat.sort(dim=1).values
+    count = valid.flatten(1).sum(dim=1)
+    rank = ((count - 1).clamp(min=0).to(values.dtype) * quantile).floor().to(torch.int64)
+    result = ordered.gather(1, rank[:, None])[:, 0]
+    return torch.where(count > 0, result, torch.full_like(result, float("nan")))
+
+
+def local_peaks(score_maps: Tensor, valid: Tensor, window: int) -> Tensor:
+    """Pixels that hold the maximum of their ``window x window`` neighbourhood (plateaus included)."""
+    filled = torch.where(valid, score_maps, torch.full_like(score_maps, float("-inf")))
+    neighbourhood_max = F.max_pool2d(filled[:, None], window, stride=1, padding=window // 2)[:, 0]
+    return valid & (filled >= neighbourhood_max)
+
+
+def dilate(mask: Tensor, size: int) -> Tensor:
+    """Binary dilation of ``(B, H, W)`` bool maps with a ``size x size`` square."""
+    if size <= 1:
+        return mask
+    return F.max_pool2d(mask[:, None].float(), size, stride=1, padding=size // 2)[:, 0] > 0
+
+
+def _check_positive_odd(name: str, value: int) -> None:
+    if value < 1 or value % 2 == 0:
+        msg = f"{name} must be a positive odd number of pixels, got {value}"
+        raise ValueError(msg)
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        msg = f"{name} must lie in [{low}, {high}], got {value}"
+        raise ValueError(msg)
+
+
+def _peak_positives(score_maps: Tensor, valid: Tensor, bar: Tensor, peak_window: int, neighbourhood: int) -> Tensor:
+    """Local peaks strictly above the per-image ``bar`` plus their neighbours that are valid."""
+    peaks = local_peaks(score_maps, valid, peak_window) & (score_maps > bar[:, None, None])
+    return dilate(peaks, neighbourhood) & valid
+
+
+@LABELERS.register("percentile")
+class PercentilePeaks:
+    """The paper's recipe: positives are local maxima above the image's own percentile plus their neighbours,
+    negatives are all other valid pixels.
+
+    It needs no nominal statistics but assumes defects are small: with large defects the negatives are full of
+    defect pixels. Every image has a "top 1%", so it should be gated (see ``TestTimeSegmentation.gate``).
+
+    Args:
+        percentile: Per-image percentile a peak must exceed, in ``[0, 100]``.
+        peak_window: Side of the window in which a peak is a maximum (odd).
+        neighbourhood: Side of the square around each peak that is labeled positive (odd; 3 = the 8 neighbours).
+
+    Example:
+        >>> maps = torch.zeros(1, 9, 9)
+        >>> maps[0, 4, 4] = 1.0
+        >>> labels = PercentilePeaks(percentile=99)(maps, nominal_threshold=0.5)
+        >>> int(labels.positive.sum()), int(labels.negative.sum())
+        (9, 72)
+    """
+
+    def __init__(self, percentile: float = 99.0, peak_window: int = 3, neighbourhood: int = 3) -> None:
+        _check_range("percentile", percentile, 0.0, 100.0)
+        _check_positive_odd("peak_window", peak_window)
+        _check_positive_odd("neighbourhood", neighbourhood)
+        self.percentile = percentile
+        self.peak_window = peak_window
+        self.neighbourhood = neighbourhood
+
+    def __call__(self, score_maps: Tensor, nominal_threshold: float) -> PseudoLabels:
+        del nominal_threshold
+        valid = torch.isfinite(score_maps)
+        bar = masked_quantile(score_maps, valid, self.percentile / 100)
+        positive = _peak_positives(score_maps, valid, bar, self.peak_window, self.neighbourhood)
+        return PseudoLabels(positive=positive, negative=valid & ~positive)
+
+
+@LABELERS.register("nominal")
+class NominalAware:
+    """Positives and negatives on either side of the nominal threshold, with a margin.
+
+    Negatives are drawn only where the map is clearly below the nominal threshold, so large defects cannot
+    leak into them; positives are local peaks above the threshold plus every pixel clearly above it. A
+    defect-free image has no positive and is left alone.
+
+    Args:
+        positive_margin: How far above ``nominal_threshold`` a pixel must be to count as defective.
+        negative_margin: How far below ``nominal_threshold`` a pixel must be to count as normal.
+        peak_window: Side of the window in which a peak is a maximum (odd).
+        neighbourhood: Side of the square around each peak that is labeled positive (odd).
+
+    Example:
+        >>> maps = torch.tensor([[[0.1, 0.45, 0.9]]])
+        >>> labels = NominalAware(positive_margin=0.1, negative_margin=0.1)(maps, nominal_threshold=0.5)
+        >>> labels.positive.tolist(), labels.negative.tolist()
+        ([[[False, False, True]]], [[[True, False, False]]])
+    """
+
+    def __init__(
+        self,
+        positive_margin: float = 0.1,
+        negative_margin: float = 0.1,
+        peak_window: int = 3,
+        neighbourhood: int = 1,
+    ) -> None:
+        _check_range("positive_margin", positive_margin, 0.0, 1.0)
+        _check_range("negative_margin", negative_margin, 0.0, 1.0)
+        _check_positive_odd("peak_window", peak_window)
+        _check_positive_odd("neighbourhood", neighbourhood)
+        self.positive_margin = positive_margin
+        self.negative_margin = negative_margin
+        self.peak_window = peak_window
+        self.neighbourhood = neighbourhood
+
+    def bars(self, score_maps: Tensor, valid: Tensor, nominal_threshold: float) -> tuple[Tensor, Tensor]:
+        """Per-image ``(positive_bar, negative_bar)``: above the first is defective, below the second normal."""
+        del valid
+        ones = score_maps.new_ones(score_maps.shape[0])
+        return ones * (nominal_threshold + self.positive_margin), ones * (nominal_threshold - self.negative_margin)
+
+    def __call__(self, score_maps: Tensor, nominal_threshold: float) -> PseudoLabels:
+        valid = torch.isfinite(score_maps)
+        positive_bar, negative_bar = self.bars(score_maps, valid, nominal_threshold)
+        above = score_maps > positive_bar[:, None, None]
+        positive = above | _peak_positives(score_maps, valid, positive_bar, self.peak_window, self.neighbourhood)
+        negative = valid & (score_maps < negative_bar[:, None, None]) & ~positive
+        return PseudoLabels(positive=positive, negative=negative)
+
+
+@LABELERS.register("robust")
+class RobustNominal(NominalAware):
+    """``nominal`` whose bars also rise with the image's own score level, to survive drifted images.
+
+    When a test image drifts from the training images (lighting, surface finish), its whole map rises above
+    the nominal threshold and ``nominal`` would call all of it defective. Here each bar is the higher of the
+    nominal one and a robust per-image one, ``median + k * 1.4826 * MAD``, so positives must also stand out from
+    the rest of their own image, and negatives come from the image's own lower part.
+
+    Args:
+        positive_margin: As in ``nominal``.
+        negative_margin: As in ``nominal``.
+        positive_deviations: ``k`` of the per-image positive bar.
+        negative_deviations: ``k`` of the per-image negative bar.
+        peak_window: As in ``nominal``.
+        neighbourhood: As in ``nominal``.
+
+    Example:
+        >>> maps = torch.full((1, 10, 10), 0.7)  # a drifted image: all above the nominal threshold
+        >>> maps[0, 0, :5] = 0.69
+        >>> maps[0, 5, 5] = 1.0
+        >>> labels = RobustNominal()(maps, nominal_threshold=0.5)
+        >>> int(labels.positive.sum()), int(labels.negative.sum())
+        (1, 5)
+    """
+
+    def __init__(
+        self,
+        positive_margin: float = 0.1,
+        negative_margin: float = 0.1,
+        positive_deviations: float = 6.0,
+        negative_deviations: float = 0.0,
+        peak_window: int = 3,
+        neighbourhood: int = 1,
+    ) -> None:
+        super().__init__(positive_margin, negative_margin, peak_window, neighbourhood)
+        _check_range("positive_deviations", positive_deviations, 0.0, float("inf"))
+        _check_range("negative_deviations", negative_deviations, float("-inf"), float("inf"))
+        self.positive_deviations = positive_deviations
+        self.negative_deviations = negative_deviations
+
+    def bars(self, score_maps: Tensor, valid: Tensor, nominal_threshold: float) -> tuple[Tensor, Tensor]:
+        positive_bar, negative_bar = super().bars(score_maps, valid, nominal_threshold)
+        median = masked_quantile(score_maps, valid, 0.5)
+        spread = 1.4826 * masked_quantile((score_maps - median[:, None, None]).abs(), valid, 0.5)
+        image_positive_bar = median + self.positive_deviations * spread
+        image_negative_bar = torch.minimum(median + self.negative_deviations * spread, image_positive_bar)
+        return torch.maximum(positive_bar, image_positive_bar), torch.maximum(negative_bar, image_negative_bar)

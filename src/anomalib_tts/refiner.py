@@ -1,0 +1,161 @@
+"""The refinement pipeline, pure torch: score map -> pseudo-labels -> pixel features -> classifier -> mask."""
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+from anomalib_tts.classifiers import PixelClassifier
+from anomalib_tts.features import FeaturePyramid, FeatureProvider, flat_to_grid
+from anomalib_tts.pseudo_labels import PseudoLabeler
+from anomalib_tts.sampling import sample_pixels
+
+POSITIVE_STREAM = 1
+NEGATIVE_STREAM = 2
+
+
+class Outcome(IntEnum):
+    """What happened to one image."""
+
+    REFINED = 0
+    GATED = 1  # not eligible (e.g. anomalib's pred_label is normal)
+    FEW_POSITIVES = 2  # no confident defect: the image keeps its mask
+    FEW_NEGATIVES = 3
+    FIT_FAILED = 4  # the classifier produced no finite model
+
+
+@dataclass
+class Refinement:
+    """Result for a batch.
+
+    Attributes:
+        masks: ``(B, H, W)`` bool, the refined mask where ``outcome == REFINED``, the original elsewhere.
+        outcome: ``(B,)`` int64 :class:`Outcome` codes.
+        num_positives: ``(B,)`` positives used for fitting (after the cap).
+        num_negatives: ``(B,)`` negatives used for fitting (after the cap).
+    """
+
+    masks: Tensor
+    outcome: Tensor
+    num_positives: Tensor
+    num_negatives: Tensor
+
+    @property
+    def refined(self) -> Tensor:
+        """``(B,)`` bool, images whose mask was replaced."""
+        return self.outcome == Outcome.REFINED
+
+
+class TestTimeRefiner:
+    """Refines a batch of binary masks from its score maps and images.
+
+    Args:
+        labeler: Pseudo-label recipe.
+        features: Pixel-feature provider (already ``setup``).
+        classifier: Per-image classifier.
+        max_positives: Cap on the positives sampled per image.
+        max_negatives: Cap on the negatives sampled per image.
+        min_positives: Fewer confident positives than this: the image keeps its mask.
+        min_negatives: Fewer confident negatives than this: the image keeps its mask.
+
+    Example:
+        >>> from anomalib_tts.classifiers import LinearSVM
+        >>> from anomalib_tts.pseudo_labels import NominalAware
+        >>> images = torch.rand(2, 3, 32, 32)
+        >>> maps = torch.rand(2, 32, 32) * 0.3
+        >>> maps[0, 8:16, 8:16] = 0.9
+        >>> refiner = TestTimeRefiner(NominalAware(), lambda x: [x], LinearSVM())
+        >>> result = refiner(images, maps, maps > 0.5, 0.5, seeds=torch.tensor([0, 1]))
+        >>> result.outcome.tolist()  # the second map has no confident defect
+        [0, 2]
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        labeler: PseudoLabeler,
+        features: FeatureProvider,
+        classifier: PixelClassifier,
+        max_positives: int = 1000,
+        max_negatives: int = 1000,
+        min_positives: int = 10,
+        min_negatives: int = 10,
+    ) -> None:
+        for name, value in (
+            ("max_positives", max_positives),
+            ("max_negatives", max_negatives),
+            ("min_positives", min_positives),
+            ("min_negatives", min_negatives),
+        ):
+            if value < 1:
+                msg = f"{name} must be >= 1, got {value}"
+                raise ValueError(msg)
+        if min_positives > max_positives or min_negatives > max_negatives:
+            msg = "min_positives/min_negatives must not exceed max_positives/max_negatives"
+            raise ValueError(msg)
+        self.labeler = labeler
+        self.features = features
+        self.classifier = classifier
+        self.max_positives = max_positives
+        self.max_negatives = max_negatives
+        self.min_positives = min_positives
+        self.min_negatives = min_negatives
+
+    def __call__(
+        self,
+        images: Tensor,
+        score_maps: Tensor,
+        masks: Tensor,
+        nominal_threshold: float,
+        seeds: Tensor,
+        eligible: Tensor | None = None,
+    ) -> Refinement:
+        """Refine one batch.
+
+        Args:
+            images: ``(B, C, H', W')`` model input images.
+            score_maps: ``(B, H, W)`` normalized anomaly maps.
+            masks: ``(B, H, W)`` current (thresholded) masks, kept where refinement does not run.
+            nominal_threshold: The normalized nominal pixel threshold (0.5 after anomalib's PostProcessor).
+            seeds: ``(B,)`` per-image seeds.
+            eligible: ``(B,)`` bool, images that may be refined (gating); all when ``None``.
+
+        Returns:
+            The :class:`Refinement` of the batch.
+        """
+        batch_size, height, width = score_maps.shape
+        score_maps = score_maps.float()
+        labels = self.labeler(score_maps, nominal_threshold)
+        positive_index, positive_valid = sample_pixels(
+            labels.positive.flatten(1), self.max_positives, seeds, POSITIVE_STREAM
+        )
+        negative_index, negative_valid = sample_pixels(
+            labels.negative.flatten(1), self.max_negatives, seeds, NEGATIVE_STREAM
+        )
+        num_positives = positive_valid.sum(dim=1)
+        num_negatives = negative_valid.sum(dim=1)
+
+        outcome = torch.full((batch_size,), int(Outcome.REFINED), dtype=torch.int64, device=score_maps.device)
+        outcome = torch.where(num_negatives < self.min_negatives, int(Outcome.FEW_NEGATIVES), outcome)
+        outcome = torch.where(num_positives < self.min_positives, int(Outcome.FEW_POSITIVES), outcome)
+        if eligible is not None:
+            outcome = torch.where(eligible.to(score_maps.device), outcome, int(Outcome.GATED))
+
+        masks = masks.reshape(batch_size, height, width).bool()
+        if not bool((outcome == Outcome.REFINED).any()):
+            return Refinement(masks, outcome, num_positives, num_negatives)
+
+        pyramid = FeaturePyramid(self.features(images))
+        index = torch.cat((positive_index, negative_index), dim=1)
+        valid = torch.cat((positive_valid, negative_valid), dim=1)
+        targets = torch.cat((torch.ones_like(positive_index), -torch.ones_like(negative_index)), dim=1)
+        training_features = pyramid.sample(flat_to_grid(index, height, width))
+        decision = self.classifier.fit(training_features, targets, valid & (outcome == Outcome.REFINED)[:, None])
+
+        outcome = torch.where((outcome == Outcome.REFINED) & ~decision.fitted, int(Outcome.FIT_FAILED), outcome)
+        refined = outcome == Outcome.REFINED
+        new_masks = decision.score_map(pyramid, (height, width)) > 0
+        masks = torch.where(refined[:, None, None], new_masks, masks)
+        return Refinement(masks, outcome, num_positives, num_negatives)
