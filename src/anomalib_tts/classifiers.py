@@ -35,7 +35,7 @@ class LinearDecision:
 
     def scores(self, features: Tensor) -> Tensor:
         """Decision values of ``(B, N, C)`` features -> ``(B, N)``; positive means defective."""
-        return torch.einsum("bnc,bc->bn", features.float(), self.weight) + self.bias[:, None]
+        return _matvec(features.float(), self.weight) + self.bias[:, None]
 
     def score_map(self, pyramid: FeaturePyramid, size: tuple[int, int]) -> Tensor:
         """Decision value at every pixel of a ``size`` map -> ``(B, *size)``."""
@@ -61,6 +61,16 @@ def balanced_weights(labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     num_negative = negative.sum(dim=1, keepdim=True)
     weights = positive / (2 * num_positive.clamp(min=1)) + negative / (2 * num_negative.clamp(min=1))
     return weights.float(), (num_positive[:, 0] > 0) & (num_negative[:, 0] > 0)
+
+
+def _matvec(matrices: Tensor, vectors: Tensor) -> Tensor:
+    """``(B, N, C) @ (B, C) -> (B, N)``."""
+    return torch.bmm(matrices, vectors[:, :, None])[:, :, 0]
+
+
+def _rmatvec(matrices: Tensor, vectors: Tensor) -> Tensor:
+    """``(B, N) @ (B, N, C) -> (B, C)`` (as a row-vector product: several times faster than einsum on CPU)."""
+    return torch.bmm(vectors[:, None, :], matrices)[:, 0]
 
 
 class _LinearClassifier:
@@ -89,7 +99,7 @@ class _LinearClassifier:
         vector = vector / vector.norm(dim=1, keepdim=True)
         eigenvalue = torch.ones(augmented.shape[0], device=augmented.device)
         for _ in range(self.power_iter):
-            product = torch.einsum("bnc,bn->bc", augmented, weights * torch.einsum("bnc,bc->bn", augmented, vector))
+            product = _rmatvec(augmented, weights * _matvec(augmented, vector))
             eigenvalue = product.norm(dim=1)
             vector = product / eigenvalue.clamp(min=1e-12)[:, None]
         return self.curvature * eigenvalue * 1.1 + self.l2
@@ -117,9 +127,9 @@ class _LinearClassifier:
         momentum_point = params
         momentum = 1.0
         for _ in range(self.max_iter):
-            margins = signs * torch.einsum("bnc,bc->bn", augmented, momentum_point)
+            margins = signs * _matvec(augmented, momentum_point)
             grad_f = weights * signs * self.loss_derivative(margins)
-            gradient = torch.einsum("bnc,bn->bc", augmented, grad_f) + self.l2 * penalty * momentum_point
+            gradient = _rmatvec(augmented, grad_f) + self.l2 * penalty * momentum_point
             updated = momentum_point - step[:, None] * gradient
             next_momentum = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
             momentum_point = updated + ((momentum - 1) / next_momentum) * (updated - params)

@@ -144,16 +144,35 @@ def create_backbone(
             raise
         raise MissingWeightsError(_missing_weights_message(backbone, error)) from error
     if weights is not None:
-        try:
-            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        except OSError as error:
-            raise MissingWeightsError(_missing_weights_message(backbone, error)) from error
-        state_dict = state_dict.get("state_dict", state_dict)
-        missing, _ = extractor.feature_extractor.load_state_dict(state_dict, strict=False)
-        if missing:
-            msg = f"weights file {weights} does not fit backbone {backbone!r}: missing {missing[:5]}..."
-            raise ValueError(msg)
+        load_weights(extractor, weights, backbone)
     return extractor.eval().requires_grad_(False)
+
+
+def load_weights(extractor: nn.Module, weights: str | Path, backbone: str) -> None:
+    """Load a local timm state dict (of the whole classifier, or of the feature extractor) into ``extractor``.
+
+    Raises:
+        MissingWeightsError: The file cannot be read.
+        ValueError: The file does not fit the backbone.
+    """
+    try:
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise MissingWeightsError(_missing_weights_message(backbone, error)) from error
+    state_dict = state_dict.get("state_dict", state_dict)
+    target = getattr(extractor, "feature_extractor", extractor)
+    missing, _ = target.load_state_dict(state_dict, strict=False)
+    if missing:
+        msg = f"weights file {weights} does not fit backbone {backbone!r}: missing {missing[:5]}"
+        raise ValueError(msg)
+
+
+def default_layers(backbone: str) -> tuple[str, ...]:
+    """The usual feature layers of a known backbone; ``ValueError`` for others."""
+    if backbone not in DEFAULT_LAYERS:
+        msg = f"layers must be given for backbone {backbone!r} (defaults exist for {sorted(DEFAULT_LAYERS)})"
+        raise ValueError(msg)
+    return DEFAULT_LAYERS[backbone]
 
 
 def _looks_like_download_error(error: Exception) -> bool:
@@ -183,10 +202,7 @@ class TimmFeatures:
         weights: str | Path | None = None,
     ) -> None:
         if layers is None:
-            if backbone not in DEFAULT_LAYERS:
-                msg = f"layers must be given for backbone {backbone!r} (defaults exist for {sorted(DEFAULT_LAYERS)})"
-                raise ValueError(msg)
-            layers = DEFAULT_LAYERS[backbone]
+            layers = default_layers(backbone)
         if not layers:
             msg = "layers must name at least one layer"
             raise ValueError(msg)

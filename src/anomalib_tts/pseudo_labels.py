@@ -168,7 +168,7 @@ class NominalAware:
     def __call__(self, score_maps: Tensor, nominal_threshold: float) -> PseudoLabels:
         valid = torch.isfinite(score_maps)
         positive_bar, negative_bar = self.bars(score_maps, valid, nominal_threshold)
-        above = score_maps > positive_bar[:, None, None]
+        above = valid & (score_maps > positive_bar[:, None, None])
         positive = above | _peak_positives(score_maps, valid, positive_bar, self.peak_window, self.neighbourhood)
         negative = valid & (score_maps < negative_bar[:, None, None]) & ~positive
         return PseudoLabels(positive=positive, negative=negative)

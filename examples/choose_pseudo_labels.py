@@ -1,0 +1,99 @@
+"""Compare pseudo-label recipes on cached PatchCore score maps (the measurement behind the default recipe).
+
+Reads the ``scores.pt`` that ``examples/fit_and_cache.py`` writes (normalized maps, images, ground truth of a
+real dataset), refines every test image with each recipe, and prints segmentation scores next to the
+threshold baselines. ``--drift`` also scores the same images with a photometric drift applied to them
+before PatchCore sees them (the failure mode of recipes that trust nominal statistics).
+
+    HF_HUB_CACHE=../shared/weights/hf-hub HF_HUB_OFFLINE=1 \
+        python examples/choose_pseudo_labels.py --cache /work/cache/magnetic_tile/scores.pt
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from anomalib_tts import TestTimeRefiner
+from anomalib_tts.classifiers import CLASSIFIERS
+from anomalib_tts.evaluation import segmentation_scores
+from anomalib_tts.features import TimmFeatures
+from anomalib_tts.pseudo_labels import LABELERS
+from anomalib_tts.sampling import path_seeds
+
+RECIPES = {
+    "percentile (paper)": ("percentile", {}),
+    "nominal": ("nominal", {}),
+    "robust": ("robust", {}),
+}
+
+
+class Precomputed:
+    """Feature provider over features computed once for the whole cache."""
+
+    def __init__(self, levels: list[torch.Tensor]) -> None:
+        self.levels = levels
+        self.index = slice(None)
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [level[self.index] for level in self.levels]
+
+
+def model_inputs(cache: dict) -> torch.Tensor:
+    images = cache["image"].float() / 255
+    return (images - cache["norm_mean"][:, None, None]) / cache["norm_std"][:, None, None]
+
+
+def refine_all(cache: dict, maps: torch.Tensor, features: Precomputed, recipe: str, args: dict, batch: int) -> tuple:
+    refiner = TestTimeRefiner(LABELERS.get(recipe)(**args), features, CLASSIFIERS.get("svm")())
+    masks, outcomes = [], []
+    seeds = path_seeds(cache["image_path"])
+    start = time.perf_counter()
+    for first in range(0, maps.shape[0], batch):
+        index = slice(first, first + batch)
+        features.index = index
+        result = refiner(None, maps[index], maps[index] > 0.5, 0.5, seeds[index])
+        masks.append(result.masks)
+        outcomes.append(result.outcome)
+    seconds = (time.perf_counter() - start) / maps.shape[0]
+    return torch.cat(masks), torch.cat(outcomes), seconds
+
+
+def report(name: str, masks: torch.Tensor, cache: dict, extra: str = "") -> None:
+    scores = segmentation_scores(masks, cache["gt_mask"], cache["pred_label"], cache["gt_label"])
+    print(
+        f"{name:28} pixelF1(all) {scores['pixel_f1_all']:.3f}  pixelF1(defective) {scores['pixel_f1_defective']:.3f}"
+        f"  meanF1(defective) {scores['mean_f1_defective']:.3f}  {extra}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    arguments = parser.parse_args()
+    cache = torch.load(arguments.cache, weights_only=False)
+    config = cache["config"]
+    extractor = TimmFeatures(backbone=config["backbone"], layers=config["layers"], pre_trained=True)
+    inputs = model_inputs(cache)
+    levels = [torch.cat(parts) for parts in zip(*(extractor(inputs[i : i + 16]) for i in range(0, len(inputs), 16)))]
+    features = Precomputed(levels)
+    maps = cache["anomaly_map"]
+    stats, post = cache["val_stats"], cache["post_processor"]
+    scale = post["pixel_max"] - post["pixel_min"]
+    sigma3 = (stats["pixel_mean"] + 3 * stats["pixel_std"] - post["pixel_threshold"]) / scale + 0.5
+
+    print(f"{arguments.cache}: {maps.shape[0]} test images")
+    report("threshold (anomalib)", cache["pred_mask"], cache)
+    report("threshold mean+3std", maps > sigma3, cache)
+    for name in arguments.recipes:
+        recipe, args = RECIPES[name] if name in RECIPES else (name, {})
+        masks, outcomes, seconds = refine_all(cache, maps, features, recipe, args, arguments.batch_size)
+        refined = int((outcomes == 0).sum())
+        report(name, masks, cache, f"refined {refined}/{len(outcomes)}  {1000 * seconds:.1f} ms/img")
+
+
+if __name__ == "__main__":
+    main()

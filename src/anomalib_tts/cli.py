@@ -1,0 +1,54 @@
+"""``anomalib-tts`` console command."""
+
+import argparse
+from pathlib import Path
+
+
+def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="fit PatchCore, test it with and without refinement, print pixel F1 before/after",
+        description=(
+            "Fit PatchCore on an MVTec-layout category (or on a synthetic dataset generated at run time), test it "
+            "with anomalib's threshold and with test-time refinement, and print the segmentation scores."
+        ),
+    )
+    parser.add_argument("--dataset-root", type=Path, help="MVTec-layout root; omitted: generate a synthetic dataset")
+    parser.add_argument("--category", default="texture", help="category folder under the root (default: texture)")
+    parser.add_argument("--output", type=Path, default=Path("results/anomalib-tts-demo"), help="where results go")
+    parser.add_argument("--backbone", default="wide_resnet50_2", help="timm backbone of PatchCore and the refinement")
+    parser.add_argument("--layers", nargs="+", help="backbone layers (default: the usual ones for the backbone)")
+    parser.add_argument("--weights", type=Path, help="local backbone state dict, for machines without network")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--coreset-sampling-ratio", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--pseudo-labels", help="pseudo-label recipe (default: the callback's default)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``anomalib-tts`` command."""
+    parser = argparse.ArgumentParser(prog="anomalib-tts", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(subparsers)
+    arguments = parser.parse_args(argv)
+    if arguments.command == "demo":
+        from anomalib_tts.demo import DemoConfig, run_demo
+
+        run_demo(
+            DemoConfig(
+                dataset_root=arguments.dataset_root,
+                category=arguments.category,
+                output=arguments.output,
+                backbone=arguments.backbone,
+                layers=tuple(arguments.layers) if arguments.layers else None,
+                weights=arguments.weights,
+                image_size=arguments.image_size,
+                coreset_sampling_ratio=arguments.coreset_sampling_ratio,
+                batch_size=arguments.batch_size,
+                pseudo_labels=arguments.pseudo_labels,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Segmentation scores of recorded masks, for the examples and benchmarks.
+
+:class:`MaskRecorder` is a callback that keeps what anomalib finally reports for every test image (the masks
+the Evaluator scores, the ground truth, the labels); :func:`segmentation_scores` turns that into the numbers
+the README reports.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from typing_extensions import override
+
+
+@dataclass
+class Records:
+    """Per-image results of a test run, on the CPU.
+
+    Attributes:
+        pred_masks: ``(N, H, W)`` bool, the final masks.
+        gt_masks: ``(N, H, W)`` bool.
+        anomaly_maps: ``(N, H, W)`` float, the normalized maps (kept only when asked).
+        pred_labels: ``(N,)`` bool.
+        gt_labels: ``(N,)`` bool.
+        paths: Image paths.
+    """
+
+    pred_masks: list[Tensor] = field(default_factory=list)
+    gt_masks: list[Tensor] = field(default_factory=list)
+    anomaly_maps: list[Tensor] = field(default_factory=list)
+    pred_labels: list[Tensor] = field(default_factory=list)
+    gt_labels: list[Tensor] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+    def stacked(self, name: str) -> Tensor:
+        """All batches of one field, concatenated."""
+        return torch.cat(getattr(self, name))
+
+
+class MaskRecorder(Callback):
+    """Records the final masks of every test/predict batch (it moves itself after every other callback).
+
+    Args:
+        keep_maps: Also keep the normalized anomaly maps.
+    """
+
+    def __init__(self, keep_maps: bool = False) -> None:
+        self.keep_maps = keep_maps
+        self.records = Records()
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        trainer.callbacks = [callback for callback in trainer.callbacks if callback is not self] + [self]
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.records = Records()
+
+    @override
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        self.record(outputs)
+
+    @override
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        self.record(outputs)
+
+    def record(self, batch: Any) -> None:
+        """Keep one batch."""
+        size = batch.anomaly_map.shape[-2:]
+        count = batch.anomaly_map.shape[0]
+        self.records.pred_masks.append(batch.pred_mask.reshape(count, *size).bool().cpu())
+        if batch.gt_mask is not None:
+            self.records.gt_masks.append(batch.gt_mask.reshape(count, *size).bool().cpu())
+        if self.keep_maps:
+            self.records.anomaly_maps.append(batch.anomaly_map.reshape(count, *size).float().cpu())
+        self.records.pred_labels.append(batch.pred_label.reshape(count).bool().cpu())
+        if batch.gt_label is not None:
+            self.records.gt_labels.append(batch.gt_label.reshape(count).bool().cpu())
+        self.records.paths.extend(batch.image_path or [""] * count)
+
+
+def f1_score(predicted: Tensor, truth: Tensor) -> Tensor:
+    """F1 of bool tensors over their last two dims (per image) or all dims when 1-D; 1.0 when both are empty."""
+    dims = tuple(range(1, predicted.dim())) if predicted.dim() > 1 else (0,)
+    true_positives = (predicted & truth).sum(dim=dims).float()
+    total = (predicted.sum(dim=dims) + truth.sum(dim=dims)).float()
+    return torch.where(total > 0, 2 * true_positives / total.clamp(min=1), torch.ones_like(total))
+
+
+def iou_score(predicted: Tensor, truth: Tensor) -> Tensor:
+    """Intersection over union per image (last two dims); 1.0 when both are empty."""
+    dims = tuple(range(1, predicted.dim()))
+    intersection = (predicted & truth).sum(dim=dims).float()
+    union = (predicted | truth).sum(dim=dims).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def segmentation_scores(pred_masks: Tensor, gt_masks: Tensor, pred_labels: Tensor, gt_labels: Tensor) -> dict[str, float]:
+    """The numbers the README reports.
+
+    Returns:
+        ``pixel_f1_all`` (pooled over all images: anomalib's ``pixel_F1Score``), ``pixel_f1_defective`` (pooled
+        over defective images), ``mean_f1_defective`` and ``mean_iou_defective`` (per image, averaged over
+        defective images) and ``image_f1``.
+    """
+    defective = gt_masks.flatten(1).any(dim=1)
+    return {
+        "pixel_f1_all": float(f1_score(pred_masks.flatten(), gt_masks.flatten())),
+        "pixel_f1_defective": float(f1_score(pred_masks[defective].flatten(), gt_masks[defective].flatten())),
+        "mean_f1_defective": float(f1_score(pred_masks[defective], gt_masks[defective]).mean()),
+        "mean_iou_defective": float(iou_score(pred_masks[defective], gt_masks[defective]).mean()),
+        "image_f1": float(f1_score(pred_labels, gt_labels)),
+    }

@@ -1,0 +1,76 @@
+"""The batched classifiers separate separable data, per image, deterministically."""
+
+import pytest
+import torch
+
+from anomalib_tts.classifiers import CLASSIFIERS, LinearSVM, balanced_weights
+
+
+def _problems(batch: int = 3, samples: int = 200, channels: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image has its own separating direction, so a shared model would fail."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(batch, samples, channels, generator=generator)
+    directions = torch.randn(batch, channels, generator=generator)
+    margins = torch.einsum("bnc,bc->bn", features, directions) + 0.3
+    labels = torch.where(margins > 0, 1, -1)
+    features = features + 0.5 * labels[..., None] * directions[:, None, :] / directions.norm(dim=1)[:, None, None]
+    return features, labels
+
+
+@pytest.mark.parametrize("name", ["svm", "logistic"])
+def test_separates_each_image_with_its_own_model(name: str) -> None:
+    features, labels = _problems()
+    decision = CLASSIFIERS.get(name)(max_iter=300).fit(features, labels, torch.ones_like(labels, dtype=torch.bool))
+    accuracy = ((decision.scores(features) > 0) == (labels > 0)).float().mean(dim=1)
+    assert decision.fitted.all()
+    assert (accuracy > 0.97).all(), accuracy
+
+
+def test_invalid_samples_are_ignored() -> None:
+    features, labels = _problems(batch=1)
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    poisoned = features.clone()
+    poisoned[0, :20] = 1e3  # would dominate the fit if it counted
+    valid[0, :20] = False
+    clean = LinearSVM().fit(features[:, 20:], labels[:, 20:], valid[:, 20:])
+    masked = LinearSVM().fit(poisoned, labels, valid)
+    assert torch.allclose(clean.weight, masked.weight, atol=1e-5)
+
+
+def test_one_class_input_is_reported_not_fitted() -> None:
+    features, _ = _problems(batch=2)
+    labels = torch.ones(2, features.shape[1], dtype=torch.long)
+    labels[1, ::2] = -1
+    decision = LinearSVM().fit(features, labels, torch.ones_like(labels, dtype=torch.bool))
+    assert decision.fitted.tolist() == [False, True]
+    assert (decision.weight[0] == 0).all()
+
+
+def test_non_finite_features_give_an_unfitted_model() -> None:
+    features, labels = _problems(batch=2)
+    features[0, 0, 0] = float("nan")
+    decision = LinearSVM().fit(features, labels, torch.ones_like(labels, dtype=torch.bool))
+    assert decision.fitted.tolist() == [False, True]
+
+
+def test_fit_is_deterministic() -> None:
+    features, labels = _problems()
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    first = LinearSVM().fit(features, labels, valid)
+    second = LinearSVM().fit(features.clone(), labels.clone(), valid)
+    assert torch.equal(first.weight, second.weight)
+    assert torch.equal(first.bias, second.bias)
+
+
+def test_balanced_weights_give_each_class_half() -> None:
+    labels = torch.tensor([[1, -1, -1, -1, 1]])
+    valid = torch.tensor([[True, True, True, True, False]])
+    weights, both = balanced_weights(labels, valid)
+    assert torch.allclose(weights, torch.tensor([[0.5, 1 / 6, 1 / 6, 1 / 6, 0.0]]))
+    assert both.tolist() == [True]
+
+
+@pytest.mark.parametrize(("kwargs", "argument"), [({"l2": 0}, "l2"), ({"max_iter": 0}, "max_iter")])
+def test_invalid_arguments(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=argument):
+        LinearSVM(**kwargs)

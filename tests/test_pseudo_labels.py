@@ -1,0 +1,102 @@
+"""Pseudo-label recipes put positives and negatives where they belong."""
+
+import pytest
+import torch
+
+from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PercentilePeaks, RobustNominal, masked_quantile
+
+
+def _map_with_square(size: int = 64, low: float = 0.2, high: float = 0.9, square: slice = slice(10, 40)) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    maps = low + 0.1 * torch.rand(1, size, size, generator=generator)
+    maps[0, square, square] = high + 0.05 * torch.rand(square.stop - square.start, square.stop - square.start, generator=generator)
+    return maps
+
+
+def test_percentile_finds_the_planted_peak_and_its_neighbours() -> None:
+    maps = 0.1 * torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(1))
+    maps[0, 5, 7] = 1.0
+    maps[1, 20, 3] = 1.0
+    labels = PercentilePeaks(percentile=99.5)(maps, nominal_threshold=0.5)
+    assert labels.positive[0, 4:7, 6:9].all()
+    assert labels.positive[1, 19:22, 2:5].all()
+    assert not (labels.positive & labels.negative).any()
+
+
+def test_nominal_negatives_never_fall_inside_a_large_defect() -> None:
+    maps = _map_with_square()  # the defect covers 22% of the image
+    labels = NominalAware()(maps, nominal_threshold=0.5)
+    inside = torch.zeros_like(labels.positive)
+    inside[0, 10:40, 10:40] = True
+    assert not (labels.negative & inside).any()
+    assert labels.positive[inside].all()
+    assert not (labels.positive & ~inside).any()
+
+
+def test_percentile_recipe_leaks_defect_pixels_into_negatives() -> None:
+    """The failure the nominal-aware recipes fix: with a large defect the paper's negatives contain it."""
+    maps = _map_with_square()
+    labels = PercentilePeaks()(maps, nominal_threshold=0.5)
+    assert labels.negative[0, 10:40, 10:40].float().mean() > 0.5
+
+
+def test_nominal_labels_a_defect_free_map_without_positives() -> None:
+    maps = 0.4 * torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for name in ("nominal", "robust"):
+        labels = LABELERS.get(name)()(maps, nominal_threshold=0.5)
+        assert not labels.positive.any(), name
+
+
+def test_robust_survives_a_drifted_map_where_nominal_calls_everything_defective() -> None:
+    maps = _map_with_square(low=0.65, high=1.0)  # drift: the normal part sits above the nominal threshold
+    inside = torch.zeros(1, 64, 64, dtype=torch.bool)
+    inside[0, 10:40, 10:40] = True
+    nominal = NominalAware()(maps, nominal_threshold=0.5)
+    assert nominal.positive[~inside].float().mean() > 0.9
+    robust = RobustNominal()(maps, nominal_threshold=0.5)
+    assert robust.positive[~inside].float().mean() < 0.01
+    assert robust.positive[inside].float().mean() > 0.9
+    assert robust.negative.sum() > 100
+    assert not (robust.negative & inside).any()
+
+
+@pytest.mark.parametrize("name", ["percentile", "nominal", "robust"])
+def test_non_finite_pixels_are_never_labeled(name: str) -> None:
+    maps = _map_with_square()
+    maps[0, :5] = float("nan")
+    maps[0, 20, :] = float("inf")
+    maps[0, 21, :] = float("-inf")
+    labels = LABELERS.get(name)()(maps, nominal_threshold=0.5)
+    bad = ~torch.isfinite(maps)
+    assert not (labels.positive & bad).any()
+    assert not (labels.negative & bad).any()
+    assert labels.positive.any()
+
+
+def test_masked_quantile_matches_torch_quantile_on_valid_pixels() -> None:
+    values = torch.rand(2, 10, 10, generator=torch.Generator().manual_seed(3))
+    valid = torch.rand(2, 10, 10, generator=torch.Generator().manual_seed(4)) > 0.3
+    result = masked_quantile(values, valid, 0.9)
+    for index in range(2):
+        kept = values[index][valid[index]].sort().values
+        assert result[index] == kept[int((kept.numel() - 1) * 0.9)]
+    assert masked_quantile(values, torch.zeros_like(valid), 0.5).isnan().all()
+
+
+@pytest.mark.parametrize(
+    ("factory", "argument"),
+    [
+        (lambda: PercentilePeaks(percentile=-1), "percentile"),
+        (lambda: PercentilePeaks(peak_window=4), "peak_window"),
+        (lambda: NominalAware(negative_margin=2), "negative_margin"),
+        (lambda: RobustNominal(positive_deviations=-1), "positive_deviations"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(factory, argument: str) -> None:
+    with pytest.raises(ValueError, match=argument):
+        factory()
+
+
+def test_unknown_recipe_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="percentile"):
+        LABELERS.get("magic")
