@@ -10,6 +10,7 @@ before PatchCore sees them (the failure mode of recipes that trust nominal stati
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="names above, or name:JSON-arguments")
     arguments = parser.parse_args()
     cache = torch.load(arguments.cache, weights_only=False)
     config = cache["config"]
@@ -80,16 +81,17 @@ def main() -> None:
     inputs = model_inputs(cache)
     levels = [torch.cat(parts) for parts in zip(*(extractor(inputs[i : i + 16]) for i in range(0, len(inputs), 16)))]
     features = Precomputed(levels)
-    maps = cache["anomaly_map"]
     stats, post = cache["val_stats"], cache["post_processor"]
     scale = post["pixel_max"] - post["pixel_min"]
+    # what the callback sees: anomalib's normalization without its clipping to [0, 1]
+    maps = (cache["anomaly_map_raw"] - post["pixel_threshold"]) / scale + 0.5
     sigma3 = (stats["pixel_mean"] + 3 * stats["pixel_std"] - post["pixel_threshold"]) / scale + 0.5
 
     print(f"{arguments.cache}: {maps.shape[0]} test images")
     report("threshold (anomalib)", cache["pred_mask"], cache)
     report("threshold mean+3std", maps > sigma3, cache)
     for name in arguments.recipes:
-        recipe, args = RECIPES[name] if name in RECIPES else (name, {})
+        recipe, args = RECIPES[name] if name in RECIPES else (name.split(":")[0], json.loads(name.partition(":")[2] or "{}"))
         masks, outcomes, seconds = refine_all(cache, maps, features, recipe, args, arguments.batch_size)
         refined = int((outcomes == 0).sum())
         report(name, masks, cache, f"refined {refined}/{len(outcomes)}  {1000 * seconds:.1f} ms/img")

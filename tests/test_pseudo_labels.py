@@ -89,7 +89,7 @@ def test_masked_quantile_matches_torch_quantile_on_valid_pixels() -> None:
         (lambda: PercentilePeaks(percentile=-1), "percentile"),
         (lambda: PercentilePeaks(peak_window=4), "peak_window"),
         (lambda: NominalAware(negative_margin=2), "negative_margin"),
-        (lambda: RobustNominal(positive_deviations=-1), "positive_deviations"),
+        (lambda: RobustNominal(drift_quantile=1.5), "drift_quantile"),
     ],
 )
 def test_invalid_arguments_name_the_argument(factory, argument: str) -> None:
@@ -100,3 +100,12 @@ def test_invalid_arguments_name_the_argument(factory, argument: str) -> None:
 def test_unknown_recipe_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="percentile"):
         LABELERS.get("magic")
+
+
+def test_percentile_counts_a_saturated_maximum() -> None:
+    """anomalib's normalized maps clip at 1: a defect wider than 1% of the image is a plateau at the percentile."""
+    maps = 0.2 * torch.rand(1, 40, 40, generator=torch.Generator().manual_seed(5))
+    maps[0, 5:15, 5:15] = 1.0  # 6% of the image saturated
+    labels = PercentilePeaks()(maps, nominal_threshold=0.5)
+    assert labels.positive[0, 5:15, 5:15].all()
+    assert not labels.positive[0, 20:, 20:].any()

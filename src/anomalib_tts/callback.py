@@ -61,6 +61,42 @@ class RefinementStats:
         }
 
 
+class RawMapKeeper(Callback):
+    """Keeps a reference to each batch's raw anomaly map; placed right before the PostProcessor.
+
+    anomalib's PostProcessor clips its normalized maps to ``[0, 1]``; with a nominal-only validation set most
+    normal pixels of a test image end up exactly at 0 (and strong defects at 1), which hides the image's own
+    score distribution. The refinement reads the raw map instead and normalizes it the same way, unclipped.
+    """
+
+    def __init__(self) -> None:
+        self.raw: Tensor | None = None
+
+    def _keep(self, outputs: Any) -> None:
+        self.raw = getattr(outputs, "anomaly_map", None)
+
+    @override
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        self._keep(outputs)
+
+    @override
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        self._keep(outputs)
+
+
+def unclipped_scores(raw: Tensor, post_processor: Any) -> Tensor | None:
+    """``raw`` normalized like anomalib's PostProcessor does, without clipping; ``None`` if it has no statistics."""
+    names = ("pixel_threshold", "pixel_min", "pixel_max")
+    if post_processor is None or not all(hasattr(post_processor, name) for name in names):
+        return None
+    threshold, low, high = (getattr(post_processor, name).to(raw.device).float() for name in names)
+    if not bool(torch.isfinite(threshold) & torch.isfinite(low) & torch.isfinite(high) & (high > low)):
+        return None
+    return (raw.float() - threshold) / (high - low) + 0.5
+
+
 class TestTimeSegmentation(Callback):
     """Replaces anomalib's thresholded ``pred_mask`` by a per-image classifier trained at test time (TTT4AS).
 
@@ -149,6 +185,7 @@ class TestTimeSegmentation(Callback):
         self.nominal_threshold = 0.5
         self.stats = RefinementStats()
         self._post_processor: Any = None
+        self._raw_maps = RawMapKeeper()
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -168,11 +205,12 @@ class TestTimeSegmentation(Callback):
         from anomalib.metrics import Evaluator
         from anomalib.visualization import Visualizer
 
-        callbacks = [callback for callback in trainer.callbacks if callback is not self]
+        callbacks = [callback for callback in trainer.callbacks if callback is not self and callback is not self._raw_maps]
         post_processor = getattr(pl_module, "post_processor", None)
         positions = [index for index, callback in enumerate(callbacks) if callback is post_processor]
         if positions:
-            position = positions[0] + 1
+            callbacks.insert(positions[0], self._raw_maps)
+            position = positions[0] + 2
         else:
             readers = [i for i, callback in enumerate(callbacks) if isinstance(callback, Evaluator | Visualizer)]
             position = readers[0] if readers else len(callbacks)
@@ -236,6 +274,10 @@ class TestTimeSegmentation(Callback):
             logger.warning("test-time segmentation: the batch has no anomaly_map; masks left as they are")
             return None
         start = time.perf_counter()
+        raw, self._raw_maps.raw = self._raw_maps.raw, None
+        if raw is not None and raw.shape == anomaly_map.shape:
+            unclipped = unclipped_scores(raw, self._post_processor)
+            anomaly_map = anomaly_map if unclipped is None else unclipped
         score_maps = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
         original = batch.pred_mask if batch.pred_mask is not None else score_maps > self.nominal_threshold
         paths = getattr(batch, "image_path", None)

@@ -113,3 +113,38 @@ def segmentation_scores(pred_masks: Tensor, gt_masks: Tensor, pred_labels: Tenso
         "mean_iou_defective": float(iou_score(pred_masks[defective], gt_masks[defective]).mean()),
         "image_f1": float(f1_score(pred_labels, gt_labels)),
     }
+
+
+class NominalPixelStats(Callback):
+    """Mean and standard deviation of the raw pixel scores of the validation images (nominal only).
+
+    Run ``engine.validate`` with it to get the "mean + k std" threshold baseline.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.total_squares = 0.0
+        self.count = 0
+
+    @override
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        maps = outputs.anomaly_map.double()
+        self.total += float(maps.sum())
+        self.total_squares += float((maps**2).sum())
+        self.count += maps.numel()
+
+    @property
+    def mean(self) -> float:
+        """Mean raw pixel score."""
+        return self.total / max(self.count, 1)
+
+    @property
+    def std(self) -> float:
+        """Standard deviation of the raw pixel scores."""
+        return max(self.total_squares / max(self.count, 1) - self.mean**2, 0.0) ** 0.5
+
+
+def normalized_threshold(raw_threshold: float, post_processor: Any) -> float:
+    """A raw pixel threshold expressed on the PostProcessor's normalized scale."""
+    low, high = float(post_processor.pixel_min), float(post_processor.pixel_max)
+    return (raw_threshold - float(post_processor.pixel_threshold)) / (high - low) + 0.5

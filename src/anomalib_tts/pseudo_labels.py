@@ -79,9 +79,19 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         raise ValueError(msg)
 
 
-def _peak_positives(score_maps: Tensor, valid: Tensor, bar: Tensor, peak_window: int, neighbourhood: int) -> Tensor:
-    """Local peaks strictly above the per-image ``bar`` plus their neighbours that are valid."""
-    peaks = local_peaks(score_maps, valid, peak_window) & (score_maps > bar[:, None, None])
+def _peak_positives(
+    score_maps: Tensor,
+    valid: Tensor,
+    bar: Tensor,
+    peak_window: int,
+    neighbourhood: int,
+    inclusive: Tensor | None = None,
+) -> Tensor:
+    """Local peaks above the per-image ``bar`` (or at it, for images where ``inclusive``) plus valid neighbours."""
+    above = score_maps > bar[:, None, None]
+    if inclusive is not None:
+        above |= inclusive[:, None, None] & (score_maps == bar[:, None, None])
+    peaks = local_peaks(score_maps, valid, peak_window) & above
     return dilate(peaks, neighbourhood) & valid
 
 
@@ -118,7 +128,9 @@ class PercentilePeaks:
         del nominal_threshold
         valid = torch.isfinite(score_maps)
         bar = masked_quantile(score_maps, valid, self.percentile / 100)
-        positive = _peak_positives(score_maps, valid, bar, self.peak_window, self.neighbourhood)
+        # anomalib's normalized maps saturate at 1: when the percentile is the maximum, the maximum counts
+        saturated = bar >= masked_quantile(score_maps, valid, 1.0)
+        positive = _peak_positives(score_maps, valid, bar, self.peak_window, self.neighbourhood, saturated)
         return PseudoLabels(positive=positive, negative=valid & ~positive)
 
 
@@ -131,7 +143,8 @@ class NominalAware:
     defect-free image has no positive and is left alone.
 
     Args:
-        positive_margin: How far above ``nominal_threshold`` a pixel must be to count as defective.
+        positive_margin: How far above ``nominal_threshold`` a pixel must be to count as defective (may be
+            negative: anomalib's threshold is the highest nominal validation score, often above thin defects).
         negative_margin: How far below ``nominal_threshold`` a pixel must be to count as normal.
         peak_window: Side of the window in which a peak is a maximum (odd).
         neighbourhood: Side of the square around each peak that is labeled positive (odd).
@@ -150,8 +163,11 @@ class NominalAware:
         peak_window: int = 3,
         neighbourhood: int = 1,
     ) -> None:
-        _check_range("positive_margin", positive_margin, 0.0, 1.0)
-        _check_range("negative_margin", negative_margin, 0.0, 1.0)
+        _check_range("positive_margin", positive_margin, -1.0, 1.0)
+        _check_range("negative_margin", negative_margin, -1.0, 1.0)
+        if positive_margin < -negative_margin:
+            msg = f"positive_margin ({positive_margin}) must not put the positive bar below the negative one"
+            raise ValueError(msg)
         _check_positive_odd("peak_window", peak_window)
         _check_positive_odd("neighbourhood", neighbourhood)
         self.positive_margin = positive_margin
@@ -176,49 +192,104 @@ class NominalAware:
 
 @LABELERS.register("robust")
 class RobustNominal(NominalAware):
-    """``nominal`` whose bars also rise with the image's own score level, to survive drifted images.
+    """``nominal`` whose bars rise with the image's own score level, to survive drifted images.
 
     When a test image drifts from the training images (lighting, surface finish), its whole map rises above
-    the nominal threshold and ``nominal`` would call all of it defective. Here each bar is the higher of the
-    nominal one and a robust per-image one, ``median + k * 1.4826 * MAD``, so positives must also stand out from
-    the rest of their own image, and negatives come from the image's own lower part.
+    the nominal threshold and ``nominal`` would call all of it defective. Here the negative bar is the higher of
+    the nominal one and the image's own ``drift_quantile`` (its median by default: the image's lower half is
+    taken as normal), and the positive bar keeps the nominal gap above it. On an image that has not drifted
+    (median below the nominal negative bar) this is exactly ``nominal``; it assumes defects cover less than
+    ``1 - drift_quantile`` of the image.
 
     Args:
         positive_margin: As in ``nominal``.
         negative_margin: As in ``nominal``.
-        positive_deviations: ``k`` of the per-image positive bar.
-        negative_deviations: ``k`` of the per-image negative bar.
+        drift_quantile: Per-image quantile below which pixels are always taken as normal, in ``[0, 1]``.
         peak_window: As in ``nominal``.
         neighbourhood: As in ``nominal``.
 
     Example:
-        >>> maps = torch.full((1, 10, 10), 0.7)  # a drifted image: all above the nominal threshold
-        >>> maps[0, 0, :5] = 0.69
+        >>> maps = torch.linspace(0.6, 0.8, 100).reshape(1, 10, 10)  # drifted: all above the nominal threshold
         >>> maps[0, 5, 5] = 1.0
+        >>> int(NominalAware()(maps, nominal_threshold=0.5).positive.sum())
+        99
         >>> labels = RobustNominal()(maps, nominal_threshold=0.5)
         >>> int(labels.positive.sum()), int(labels.negative.sum())
-        (1, 5)
+        (1, 49)
     """
 
     def __init__(
         self,
         positive_margin: float = 0.1,
         negative_margin: float = 0.1,
-        positive_deviations: float = 6.0,
-        negative_deviations: float = 0.0,
+        drift_quantile: float = 0.5,
         peak_window: int = 3,
         neighbourhood: int = 1,
     ) -> None:
         super().__init__(positive_margin, negative_margin, peak_window, neighbourhood)
-        _check_range("positive_deviations", positive_deviations, 0.0, float("inf"))
-        _check_range("negative_deviations", negative_deviations, float("-inf"), float("inf"))
-        self.positive_deviations = positive_deviations
-        self.negative_deviations = negative_deviations
+        _check_range("drift_quantile", drift_quantile, 0.0, 1.0)
+        self.drift_quantile = drift_quantile
 
     def bars(self, score_maps: Tensor, valid: Tensor, nominal_threshold: float) -> tuple[Tensor, Tensor]:
         positive_bar, negative_bar = super().bars(score_maps, valid, nominal_threshold)
+        drift = (masked_quantile(score_maps, valid, self.drift_quantile) - negative_bar).nan_to_num(0.0).clamp(min=0)
+        return positive_bar + drift, negative_bar + drift
+
+
+@LABELERS.register("relative")
+class PeakRelative:
+    """Bars placed within each image's own range, from its median to its maximum, above a nominal floor.
+
+    Positives are pixels above ``median + positive_fraction * (max - median)``, negatives pixels below
+    ``median + negative_fraction * (max - median)``. Because both bars move with the image's median, a drifted
+    image (whose whole map rose) is labeled like an undrifted one; because they scale with the image's peak,
+    a faint thin crack and a strong large defect both get a core of positives. An image is refined only if its
+    peak clears the nominal floor ``nominal_threshold + floor_margin``, so defect-free images are left alone.
+
+    Args:
+        positive_fraction: Position of the positive bar in ``[median, max]``, in ``(0, 1)``.
+        negative_fraction: Position of the negative bar in ``[median, max]``, in ``[0, positive_fraction)``.
+        floor_margin: Offset of the floor from the nominal threshold (negative: below it).
+        min_peak_deviations: Also require the peak to stand this many robust standard deviations
+            (``1.4826 * MAD``) above the median; 0 disables the check.
+
+    Example:
+        >>> maps = torch.linspace(0.0, 0.2, 100).reshape(1, 10, 10)
+        >>> maps[0, 4:6, 4:6] = 0.45  # a faint defect, below anomalib's threshold of 0.5
+        >>> labels = PeakRelative()(maps, nominal_threshold=0.5)
+        >>> int(labels.positive.sum()), int(labels.negative.sum())
+        (4, 90)
+        >>> int(PeakRelative()(maps * 0.5, nominal_threshold=0.5).positive.sum())  # peak below the floor
+        0
+    """
+
+    def __init__(
+        self,
+        positive_fraction: float = 0.5,
+        negative_fraction: float = 0.25,
+        floor_margin: float = -0.2,
+        min_peak_deviations: float = 0.0,
+    ) -> None:
+        _check_range("positive_fraction", positive_fraction, 0.0, 1.0)
+        _check_range("negative_fraction", negative_fraction, 0.0, positive_fraction)
+        _check_range("floor_margin", floor_margin, -1.0, 1.0)
+        _check_range("min_peak_deviations", min_peak_deviations, 0.0, float("inf"))
+        self.positive_fraction = positive_fraction
+        self.negative_fraction = negative_fraction
+        self.floor_margin = floor_margin
+        self.min_peak_deviations = min_peak_deviations
+
+    def __call__(self, score_maps: Tensor, nominal_threshold: float) -> PseudoLabels:
+        valid = torch.isfinite(score_maps)
         median = masked_quantile(score_maps, valid, 0.5)
-        spread = 1.4826 * masked_quantile((score_maps - median[:, None, None]).abs(), valid, 0.5)
-        image_positive_bar = median + self.positive_deviations * spread
-        image_negative_bar = torch.minimum(median + self.negative_deviations * spread, image_positive_bar)
-        return torch.maximum(positive_bar, image_positive_bar), torch.maximum(negative_bar, image_negative_bar)
+        peak = masked_quantile(score_maps, valid, 1.0)
+        spread = peak - median
+        floor = nominal_threshold + self.floor_margin
+        positive_bar = (median + self.positive_fraction * spread).clamp(min=floor)
+        negative_bar = median + self.negative_fraction * spread
+        positive = valid & (score_maps > positive_bar[:, None, None])
+        if self.min_peak_deviations > 0:
+            deviation = 1.4826 * masked_quantile((score_maps - median[:, None, None]).abs(), valid, 0.5)
+            positive &= (spread > self.min_peak_deviations * deviation)[:, None, None]
+        negative = valid & (score_maps < negative_bar[:, None, None]) & positive.flatten(1).any(dim=1)[:, None, None]
+        return PseudoLabels(positive=positive, negative=negative)
