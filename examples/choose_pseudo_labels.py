@@ -73,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--with-image", action="store_true", help="add the image's own pixels as a feature level")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="names above, or name:JSON-arguments")
     arguments = parser.parse_args()
     cache = torch.load(arguments.cache, weights_only=False)
@@ -80,6 +81,8 @@ def main() -> None:
     extractor = TimmFeatures(backbone=config["backbone"], layers=config["layers"], pre_trained=True)
     inputs = model_inputs(cache)
     levels = [torch.cat(parts) for parts in zip(*(extractor(inputs[i : i + 16]) for i in range(0, len(inputs), 16)))]
+    if arguments.with_image:
+        levels.append(inputs)
     features = Precomputed(levels)
     stats, post = cache["val_stats"], cache["post_processor"]
     scale = post["pixel_max"] - post["pixel_min"]

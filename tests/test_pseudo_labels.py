@@ -109,3 +109,22 @@ def test_percentile_counts_a_saturated_maximum() -> None:
     labels = PercentilePeaks()(maps, nominal_threshold=0.5)
     assert labels.positive[0, 5:15, 5:15].all()
     assert not labels.positive[0, 20:, 20:].any()
+
+
+@pytest.mark.parametrize("low", [0.2, 0.65], ids=["nominal-level", "drifted"])
+def test_relative_labels_a_large_defect_with_or_without_drift(low: float) -> None:
+    maps = _map_with_square(low=low, high=low + 0.7)
+    inside = torch.zeros(1, 64, 64, dtype=torch.bool)
+    inside[0, 10:40, 10:40] = True
+    labels = LABELERS.get("relative")()(maps, nominal_threshold=0.5)
+    assert labels.positive[inside].float().mean() > 0.9
+    assert not (labels.positive & ~inside).any()
+    assert not (labels.negative & inside).any()
+    assert labels.negative[~inside].float().mean() > 0.9
+
+
+def test_relative_leaves_a_defect_free_map_unlabeled() -> None:
+    maps = 0.3 * torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(6))  # noise only
+    labels = LABELERS.get("relative")()(maps, nominal_threshold=0.5)
+    assert not labels.positive.any()
+    assert not labels.negative.any()

@@ -19,7 +19,7 @@ from anomalib_tts.sampling import content_seeds, path_seeds
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PSEUDO_LABELS = "robust"
+DEFAULT_PSEUDO_LABELS = "relative"  # chosen by examples/choose_pseudo_labels.py, see the README
 STAGES = ("test", "predict", "validate")
 
 
@@ -107,7 +107,8 @@ class TestTimeSegmentation(Callback):
     refined masks. Images it cannot refine (no confident defect, too few normal pixels) keep their mask.
 
     Args:
-        pseudo_labels: Pseudo-label recipe: ``"robust"`` (default), ``"nominal"`` or ``"percentile"`` (the paper's).
+        pseudo_labels: Pseudo-label recipe: ``"relative"`` (default), ``"robust"``, ``"nominal"`` or
+            ``"percentile"`` (the paper's).
         pseudo_label_args: Keyword arguments of the recipe (e.g. ``{"positive_margin": 0.1}``).
         backbone: timm backbone for pixel features, or ``"model"`` to reuse the anomalib model's own
             ``TimmFeatureExtractor`` output (no second forward pass).
@@ -242,6 +243,7 @@ class TestTimeSegmentation(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
     ) -> None:
         if "validate" in self.stages and trainer.state.fn == "validate":
+            self._raw_maps.raw = outputs.anomaly_map  # validation maps are not normalized by the PostProcessor
             self.refine_batch(outputs)
 
     @override

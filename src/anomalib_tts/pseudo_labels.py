@@ -259,7 +259,7 @@ class PeakRelative:
         >>> labels = PeakRelative()(maps, nominal_threshold=0.5)
         >>> int(labels.positive.sum()), int(labels.negative.sum())
         (4, 90)
-        >>> int(PeakRelative()(maps * 0.5, nominal_threshold=0.5).positive.sum())  # peak below the floor
+        >>> int(PeakRelative()(maps * 0.3, nominal_threshold=0.5).positive.sum())  # peak below the floor
         0
     """
 
@@ -267,8 +267,8 @@ class PeakRelative:
         self,
         positive_fraction: float = 0.5,
         negative_fraction: float = 0.25,
-        floor_margin: float = -0.2,
-        min_peak_deviations: float = 0.0,
+        floor_margin: float = -0.35,
+        min_peak_deviations: float = 3.5,
     ) -> None:
         _check_range("positive_fraction", positive_fraction, 0.0, 1.0)
         _check_range("negative_fraction", negative_fraction, 0.0, positive_fraction)
