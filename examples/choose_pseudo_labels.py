@@ -24,9 +24,10 @@ from anomalib_tts.pseudo_labels import LABELERS
 from anomalib_tts.sampling import path_seeds
 
 RECIPES = {
-    "percentile (paper)": ("percentile", {}),
+    "percentile": ("percentile", {}),
     "nominal": ("nominal", {}),
     "robust": ("robust", {}),
+    "relative": ("relative", {}),
 }
 
 
