@@ -20,7 +20,7 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layers", nargs="+", help="backbone layers (default: the usual ones for the backbone)")
     parser.add_argument("--weights", type=Path, help="local backbone state dict, for machines without network")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--coreset-sampling-ratio", type=float, default=0.1)
+    parser.add_argument("--coreset-sampling-ratio", type=float, default=0.02)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pseudo-labels", help="pseudo-label recipe (default: the callback's default)")
 

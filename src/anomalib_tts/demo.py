@@ -28,7 +28,7 @@ class DemoConfig:
     layers: tuple[str, ...] | None = None
     weights: Path | None = None
     image_size: int = 256
-    coreset_sampling_ratio: float = 0.1
+    coreset_sampling_ratio: float = 0.02
     batch_size: int = 16
     pseudo_labels: str | None = None
 
