@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset-root", type=Path, required=True, help="folder holding <category>/ (MVTec AD layout)")
     parser.add_argument("--category", required=True, help="e.g. metal_plate or magnetic_tile")
-    parser.add_argument("--out-dir", type=Path, default=Path("/work/cache"))
+    parser.add_argument("--out-dir", type=Path, default=Path("results/cache"))
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
