@@ -22,7 +22,7 @@ from anomalib.models import Patchcore
 from torchvision.transforms.v2 import Resize
 
 from anomalib_tts import TestTimeSegmentation
-from anomalib_tts.evaluation import MaskRecorder, NominalPixelStats, normalized_threshold, segmentation_scores
+from anomalib_tts.evaluation import MaskRecorder, NominalPixelStats, normalized_threshold
 
 COLUMNS = ("pixel_f1_all", "pixel_f1_defective", "mean_f1_defective", "mean_iou_defective", "image_f1")
 
@@ -53,11 +53,6 @@ def make_datamodule(arguments: argparse.Namespace, category: str) -> MVTecAD:
     )
 
 
-def scores_of(recorder: MaskRecorder) -> dict[str, float]:
-    records = recorder.records
-    return segmentation_scores(*(records.stacked(name) for name in ("pred_masks", "gt_masks", "pred_labels", "gt_labels")))
-
-
 def run_category(arguments: argparse.Namespace, category: str) -> dict[str, dict[str, float]]:
     checkpoint = arguments.checkpoints / category / "model.ckpt"
     datamodule = make_datamodule(arguments, category)
@@ -80,21 +75,16 @@ def run_category(arguments: argparse.Namespace, category: str) -> dict[str, dict
     start = time.perf_counter()
     reported = engine.test(make_model(arguments), datamodule=datamodule, ckpt_path=checkpoint)[0]
     model_seconds = time.perf_counter() - start
-    results["threshold (anomalib)"] = {**scores_of(recorder), "anomalib_pixel_F1Score": reported["pixel_F1Score"]}
     records = recorder.records
-    results["threshold mean+3std"] = segmentation_scores(
-        records.stacked("anomaly_maps") > sigma_bar,
-        records.stacked("gt_masks"),
-        records.stacked("pred_labels"),
-        records.stacked("gt_labels"),
-    )
+    results["threshold (anomalib)"] = {**records.scores(), "anomalib_pixel_F1Score": reported["pixel_F1Score"]}
+    results["threshold mean+3std"] = records.scores(records.stacked("anomaly_maps") > sigma_bar)
 
     callback = TestTimeSegmentation(backbone=arguments.refine_backbone, layers=arguments.layers)
     recorder = MaskRecorder()
     engine = Engine(default_root_dir=workdir / "refined", logger=False, callbacks=[callback, recorder])
     reported = engine.test(make_model(arguments), datamodule=datamodule, ckpt_path=checkpoint)[0]
     results["refined (default)"] = {
-        **scores_of(recorder),
+        **recorder.records.scores(),
         "anomalib_pixel_F1Score": reported["pixel_F1Score"],
         "ms_per_image": 1000 * callback.stats.seconds / max(callback.stats.images, 1),
         "images_refined": callback.stats.refined,

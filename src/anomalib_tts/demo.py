@@ -6,15 +6,12 @@ weights, and continues with the offline option it was given (a local weights fil
 as such in its output).
 """
 
-import logging
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from anomalib_tts.evaluation import MaskRecorder, segmentation_scores
-
-logger = logging.getLogger(__name__)
+from anomalib_tts.evaluation import MaskRecorder
 
 
 @dataclass
@@ -121,13 +118,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
         run_dir = output / ("threshold" if not callbacks else "refined")
         engine = Engine(default_root_dir=run_dir, logger=False, callbacks=[*callbacks, recorder])
         reported = engine.test(model(), datamodule=datamodule, ckpt_path=checkpoint)[0]
-        records = recorder.records
-        scores[name] = segmentation_scores(
-            records.stacked("pred_masks"),
-            records.stacked("gt_masks"),
-            records.stacked("pred_labels"),
-            records.stacked("gt_labels"),
-        )
+        scores[name] = recorder.records.scores()
         scores[name]["anomalib_pixel_F1Score"] = float(reported["pixel_F1Score"])
         image_dirs[name] = sorted({path.parent for path in run_dir.rglob("images/**/*.png")})
 

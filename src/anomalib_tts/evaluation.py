@@ -38,6 +38,11 @@ class Records:
         """All batches of one field, concatenated."""
         return torch.cat(getattr(self, name))
 
+    def scores(self, pred_masks: Tensor | None = None) -> dict[str, float]:
+        """:func:`segmentation_scores` of the recorded masks, or of ``pred_masks`` for the same images."""
+        masks = self.stacked("pred_masks") if pred_masks is None else pred_masks
+        return segmentation_scores(masks, *(self.stacked(name) for name in ("gt_masks", "pred_labels", "gt_labels")))
+
 
 class MaskRecorder(Callback):
     """Records the final masks of every test/predict batch (it moves itself after every other callback).
@@ -146,5 +151,10 @@ class NominalPixelStats(Callback):
 
 def normalized_threshold(raw_threshold: float, post_processor: Any) -> float:
     """A raw pixel threshold expressed on the PostProcessor's normalized scale."""
-    low, high = float(post_processor.pixel_min), float(post_processor.pixel_max)
-    return (raw_threshold - float(post_processor.pixel_threshold)) / (high - low) + 0.5
+    from anomalib_tts.callback import unclipped_scores
+
+    normalized = unclipped_scores(torch.tensor(raw_threshold), post_processor)
+    if normalized is None:
+        msg = "the PostProcessor has no pixel statistics yet (run validation first)"
+        raise ValueError(msg)
+    return float(normalized)
