@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PSEUDO_LABELS = "relative"  # chosen by examples/choose_pseudo_labels.py, see the README
 STAGES = ("test", "predict", "validate")
+WARNED_OUTCOMES = (Outcome.FEW_NEGATIVES, Outcome.FIT_FAILED, Outcome.FEW_VALID)  # should have refined, could not
 
 
 @dataclass
@@ -190,8 +191,15 @@ class TestTimeSegmentation(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._place_after_post_processor(trainer, pl_module)
         self._post_processor = getattr(pl_module, "post_processor", None) or None
+        if self._post_processor is None and stage in self.stages:
+            msg = (
+                f"TestTimeSegmentation reads the normalized maps and pixel threshold of the model's PostProcessor; "
+                f"{type(pl_module).__name__} has none: keep post_processor=True (the default) or pass a "
+                "PostProcessor(), or leave this callback out of the run"
+            )
+            raise ValueError(msg)
+        self._place_after_post_processor(trainer, pl_module)
         if self._post_processor is not None and hasattr(self._post_processor, "normalized_pixel_threshold"):
             self.nominal_threshold = float(self._post_processor.normalized_pixel_threshold)
         self.refiner.features.setup(pl_module)
@@ -297,7 +305,7 @@ class TestTimeSegmentation(Callback):
     @staticmethod
     def _warn_kept(result: Refinement, paths: Sequence[str] | None) -> None:
         """Warn, naming the image, where refinement should have run but could not."""
-        unexpected = (result.outcome == Outcome.FEW_NEGATIVES) | (result.outcome == Outcome.FIT_FAILED)
+        unexpected = torch.isin(result.outcome, result.outcome.new_tensor(WARNED_OUTCOMES))
         for index in unexpected.nonzero()[:, 0].tolist():
             name = paths[index] if paths else f"image {index} of the batch"
             reason = Outcome(int(result.outcome[index])).name.lower()

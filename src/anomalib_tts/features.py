@@ -43,6 +43,20 @@ def flat_to_grid(indices: Tensor, height: int, width: int) -> Tensor:
     return torch.stack((x, y), dim=-1)
 
 
+def as_rgb(images: Tensor) -> Tensor:
+    """``(B, C, H, W)`` images with 1 (grayscale), 3 or 4 (RGBA: alpha dropped) channels -> 3 channels.
+
+    Example:
+        >>> as_rgb(torch.rand(2, 4, 8, 8)).shape, as_rgb(torch.rand(2, 1, 8, 8)).shape
+        (torch.Size([2, 3, 8, 8]), torch.Size([2, 3, 8, 8]))
+    """
+    channels = images.shape[1]
+    if channels not in {1, 3, 4}:
+        msg = f"images must have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got {channels}"
+        raise ValueError(msg)
+    return images.expand(-1, 3, -1, -1) if channels == 1 else images[:, :3]
+
+
 class FeaturePyramid:
     """Feature maps of one batch, standardized per image and channel.
 
@@ -143,6 +157,12 @@ def create_backbone(
         if not from_hub or not (isinstance(error, OSError) or _looks_like_download_error(error)):
             raise
         raise MissingWeightsError(_missing_weights_message(backbone, error)) from error
+    if list(extractor.layers) != list(layers):
+        import timm
+
+        offered = timm.create_model(backbone, pretrained=False, features_only=True).feature_info.module_name()
+        msg = f"layers {list(layers)} are not all layers of backbone {backbone!r}; it offers {offered}"
+        raise ValueError(msg)
     if weights is not None:
         load_weights(extractor, weights, backbone)
     return extractor.eval().requires_grad_(False)
@@ -175,6 +195,18 @@ def default_layers(backbone: str) -> tuple[str, ...]:
     return DEFAULT_LAYERS[backbone]
 
 
+def _check_timm_name(backbone: str) -> None:
+    """``ValueError`` naming ``backbone`` unless timm knows it (Hugging Face hub names are left to timm)."""
+    import timm
+
+    if ":" not in backbone and not timm.is_model(backbone):
+        msg = (
+            f"unknown backbone {backbone!r}: not a timm model name (see timm.list_models()); pass a timm model "
+            "and its layers, or backbone='model' to reuse the anomalib model's features"
+        )
+        raise ValueError(msg)
+
+
 def _looks_like_download_error(error: Exception) -> bool:
     text = f"{type(error).__name__} {error}".lower()
     return any(word in text for word in ("hub", "offline", "connect", "resolve", "download", "internet"))
@@ -184,8 +216,9 @@ def _looks_like_download_error(error: Exception) -> bool:
 class TimmFeatures:
     """A separate frozen timm backbone (``features_only``), run on the batch's images.
 
-    Images are expected normalized as anomalib's pre-processors leave them (ImageNet mean/std); when a
-    batch looks un-normalized (all values in ``[0, 1]``) it is normalized here first.
+    Images are expected normalized as anomalib's pre-processors leave them (ImageNet mean/std); an image that
+    looks un-normalized (all values in ``[0, 1]``) is normalized here first. Grayscale images are repeated to
+    three channels and RGBA images lose their alpha channel.
 
     Args:
         backbone: timm model name.
@@ -201,6 +234,7 @@ class TimmFeatures:
         pre_trained: bool = True,
         weights: str | Path | None = None,
     ) -> None:
+        _check_timm_name(backbone)
         if layers is None:
             layers = default_layers(backbone)
         if not layers:
@@ -221,13 +255,12 @@ class TimmFeatures:
         self.setup(None)
         assert self._extractor is not None
         self._extractor.to(images.device)
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        images = images.float()
-        if images.min() >= 0 and images.max() <= 1:
-            mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
-            std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
-            images = (images - mean) / std
+        images = as_rgb(images).float()
+        # decided per image, so that an image's features never depend on the batch it came in
+        unnormalized = (images.amin(dim=(1, 2, 3)) >= 0) & (images.amax(dim=(1, 2, 3)) <= 1)
+        mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
+        std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
+        images = torch.where(unnormalized[:, None, None, None], (images - mean) / std, images)
         with torch.no_grad():
             return list(self._extractor(images).values())
 

@@ -23,6 +23,7 @@ class Outcome(IntEnum):
     FEW_POSITIVES = 2  # no confident defect: the image keeps its mask
     FEW_NEGATIVES = 3
     FIT_FAILED = 4  # the classifier produced no finite model
+    FEW_VALID = 5  # too few finite scores in the map (NaN/inf) to label both classes
 
 
 @dataclass
@@ -140,6 +141,8 @@ class TestTimeRefiner:
         outcome = torch.full((batch_size,), int(Outcome.REFINED), dtype=torch.int64, device=score_maps.device)
         outcome = torch.where(num_negatives < self.min_negatives, int(Outcome.FEW_NEGATIVES), outcome)
         outcome = torch.where(num_positives < self.min_positives, int(Outcome.FEW_POSITIVES), outcome)
+        num_valid = torch.isfinite(score_maps).flatten(1).sum(dim=1)
+        outcome = torch.where(num_valid < self.min_positives + self.min_negatives, int(Outcome.FEW_VALID), outcome)
         if eligible is not None:
             outcome = torch.where(eligible.to(score_maps.device), outcome, int(Outcome.GATED))
 
