@@ -318,4 +318,6 @@ class ModelFeatures:
         if cached is not None and cached[0].shape[0] == images.shape[0]:
             return cached
         with torch.no_grad():
-            return list(self._extractor(images).values())
+            features = list(self._extractor(images).values())
+        self._cached = None  # the hook saw this call too; its output must not serve the next batch
+        return features
