@@ -57,11 +57,33 @@ def as_rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1) if channels == 1 else images[:, :3]
 
 
+class WeightedMaps(list[Tensor]):
+    """Feature maps, as a provider returns them, with one weight per map applied after standardization.
+
+    Args:
+        maps: ``(B, C_l, h_l, w_l)`` maps.
+        weights: One positive weight per map (relative importance for the L2-penalized classifier).
+
+    Example:
+        >>> maps = WeightedMaps([torch.randn(1, 2, 4, 4), torch.randn(1, 3, 4, 4)], [1.0, 2.0])
+        >>> [round(float(level.std(unbiased=False)), 3) for level in FeaturePyramid(maps).levels]
+        [1.0, 2.0]
+    """
+
+    def __init__(self, maps: Sequence[Tensor], weights: Sequence[float]) -> None:
+        if len(maps) != len(weights) or not all(weight > 0 for weight in weights):
+            msg = f"weights must be one positive number per map ({len(maps)} maps), got {list(weights)}"
+            raise ValueError(msg)
+        super().__init__(maps)
+        self.weights = [float(weight) for weight in weights]
+
+
 class FeaturePyramid:
     """Feature maps of one batch, standardized per image and channel.
 
     Args:
         feature_maps: ``(B, C_l, h_l, w_l)`` maps, one per layer; any float dtype (computed in float32).
+            :class:`WeightedMaps` are multiplied by their weights after standardization.
         eps: Floor of the per-channel standard deviation.
 
     Example:
@@ -76,11 +98,12 @@ class FeaturePyramid:
 
     def __init__(self, feature_maps: Sequence[Tensor], eps: float = 1e-6) -> None:
         self.levels: list[Tensor] = []
-        for feature_map in feature_maps:
+        weights = feature_maps.weights if isinstance(feature_maps, WeightedMaps) else [1.0] * len(feature_maps)
+        for feature_map, weight in zip(feature_maps, weights, strict=True):
             level = feature_map.float()
             mean = level.mean(dim=(2, 3), keepdim=True)
             std = level.std(dim=(2, 3), keepdim=True, unbiased=False).clamp(min=eps)
-            self.levels.append((level - mean) / std)
+            self.levels.append((level - mean) / (std / weight))
         self.channels = [level.shape[1] for level in self.levels]
 
     @property
