@@ -112,6 +112,7 @@ class TestTimeRefiner:
         nominal_threshold: float,
         seeds: Tensor,
         eligible: Tensor | None = None,
+        depth_maps: Tensor | None = None,
     ) -> Refinement:
         """Refine one batch.
 
@@ -122,6 +123,8 @@ class TestTimeRefiner:
             nominal_threshold: The normalized nominal pixel threshold (0.5 after anomalib's PostProcessor).
             seeds: ``(B,)`` per-image seeds.
             eligible: ``(B,)`` bool, images that may be refined (gating); all when ``None``.
+            depth_maps: ``(B, 3, H'', W'')`` organized XYZ maps, handed to the feature provider (which must then
+                take them, e.g. :class:`~anomalib_tts.geometry.RgbdFeatures`) when given.
 
         Returns:
             The :class:`Refinement` of the batch.
@@ -150,7 +153,7 @@ class TestTimeRefiner:
         if not bool((outcome == Outcome.REFINED).any()):
             return Refinement(masks, outcome, num_positives, num_negatives)
 
-        pyramid = FeaturePyramid(self.features(images))
+        pyramid = FeaturePyramid(self.features(images) if depth_maps is None else self.features(images, depth_maps))
         index = torch.cat((positive_index, negative_index), dim=1)
         valid = torch.cat((positive_valid, negative_valid), dim=1)
         targets = torch.cat((torch.ones_like(positive_index), -torch.ones_like(negative_index)), dim=1)
