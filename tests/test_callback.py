@@ -29,7 +29,7 @@ def test_invalid_arguments_fail_at_construction_naming_the_value(kwargs: dict, n
 def test_construction_loads_no_weights() -> None:
     """The backbone is created in setup(), so building the callback (e.g. for --print_config) needs no network."""
     callback = TestTimeSegmentation(backbone="wide_resnet50_2")
-    assert callback.refiner.features._extractor is None
+    assert callback.refiner.features.rgb._extractor is None
 
 
 def test_unclipped_scores_match_anomalib_normalization_where_it_does_not_clip() -> None:

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from anomalib_tts.classifiers import CLASSIFIERS
 from anomalib_tts.features import FeatureProvider, ModelFeatures, TimmFeatures
+from anomalib_tts.geometry import RgbdFeatures
 from anomalib_tts.pseudo_labels import LABELERS
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
 from anomalib_tts.sampling import content_seeds, path_seeds
@@ -125,6 +126,10 @@ class TestTimeSegmentation(Callback):
         min_positives: Fewer confident positives: the image keeps its mask.
         min_negatives: Fewer confident negatives: the image keeps its mask.
         stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"``.
+        geometry: Geometric pixel features from the batch's organized point cloud (``depth_map``, e.g. anomalib's
+            ``MVTec3D``) next to the backbone's: ``"auto"`` uses them whenever a batch carries one, ``"on"`` also
+            warns when it does not, ``"off"`` never uses them. Empty depth maps fall back to RGB, with a warning.
+        geometry_weight: Weight of the (standardized) geometric features relative to the backbone's (> 0).
 
     Example:
         >>> from anomalib.engine import Engine
@@ -157,10 +162,15 @@ class TestTimeSegmentation(Callback):
         min_positives: int = 10,
         min_negatives: int = 10,
         stages: Sequence[str] = ("test", "predict"),
+        geometry: Literal["auto", "off", "on"] = "auto",
+        geometry_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if gate not in {"none", "pred_label"}:
             msg = f"gate must be 'none' or 'pred_label', got {gate!r}"
+            raise ValueError(msg)
+        if geometry not in {"auto", "off", "on"}:
+            msg = f"geometry must be 'auto', 'off' or 'on', got {geometry!r}"
             raise ValueError(msg)
         unknown_stages = sorted(set(stages) - set(STAGES))
         if unknown_stages:
@@ -175,7 +185,7 @@ class TestTimeSegmentation(Callback):
             features = TimmFeatures(backbone=backbone, layers=layers, pre_trained=pre_trained, weights=weights)
         self.refiner = TestTimeRefiner(
             labeler,
-            features,
+            RgbdFeatures(features, geometry_weight=geometry_weight, expect_depth=geometry == "on"),
             pixel_classifier,
             max_positives=max_positives,
             max_negatives=max_negatives,
@@ -183,6 +193,7 @@ class TestTimeSegmentation(Callback):
             min_negatives=min_negatives,
         )
         self.gate = gate
+        self.geometry = geometry
         self.stages = tuple(stages)
         self.nominal_threshold = 0.5
         self.stats = RefinementStats()
@@ -206,8 +217,9 @@ class TestTimeSegmentation(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if isinstance(self.refiner.features, ModelFeatures):
-            self.refiner.features.teardown()
+        release = getattr(self.refiner.features, "teardown", None)
+        if release is not None:
+            release()
 
     def _place_after_post_processor(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Move this callback right after the PostProcessor (else before the Evaluator / Visualizer)."""
@@ -296,7 +308,8 @@ class TestTimeSegmentation(Callback):
         if self.gate == "pred_label" and getattr(batch, "pred_label", None) is not None:
             eligible = batch.pred_label.reshape(-1).bool()
 
-        result = self.refiner(batch.image, score_maps, original, self.nominal_threshold, seeds, eligible)
+        depth_maps = None if self.geometry == "off" else getattr(batch, "depth_map", None)
+        result = self.refiner(batch.image, score_maps, original, self.nominal_threshold, seeds, eligible, depth_maps)
         batch.pred_mask = result.masks.reshape(original.shape)
         self.stats.update(result, time.perf_counter() - start)
         self._warn_kept(result, paths)
