@@ -73,13 +73,16 @@ def test_non_finite_pixels_are_never_labeled(name: str) -> None:
     assert labels.positive.any()
 
 
-def test_masked_quantile_matches_torch_quantile_on_valid_pixels() -> None:
-    values = torch.rand(2, 10, 10, generator=torch.Generator().manual_seed(3))
-    valid = torch.rand(2, 10, 10, generator=torch.Generator().manual_seed(4)) > 0.3
-    result = masked_quantile(values, valid, 0.9)
-    for index in range(2):
+@pytest.mark.parametrize("quantile", [0.0, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("kept_fraction", [1.0, 0.7, 0.05])
+def test_masked_quantile_matches_sorted_valid_pixels(quantile: float, kept_fraction: float) -> None:
+    values = torch.rand(3, 10, 13, generator=torch.Generator().manual_seed(3))
+    valid = torch.rand(3, 10, 13, generator=torch.Generator().manual_seed(4)) < kept_fraction
+    valid[0] = True  # images of one batch with different numbers of valid pixels
+    result = masked_quantile(values, valid, quantile)
+    for index in range(3):
         kept = values[index][valid[index]].sort().values
-        assert result[index] == kept[int((kept.numel() - 1) * 0.9)]
+        assert result[index] == kept[int((kept.numel() - 1) * quantile)]
     assert masked_quantile(values, torch.zeros_like(valid), 0.5).isnan().all()
 
 
