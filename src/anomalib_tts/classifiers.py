@@ -35,7 +35,7 @@ class LinearDecision:
 
     def scores(self, features: Tensor) -> Tensor:
         """Decision values of ``(B, N, C)`` features -> ``(B, N)``; positive means defective."""
-        return _matvec(features.float(), self.weight) + self.bias[:, None]
+        return _row_times(self.weight, features.float().transpose(1, 2)) + self.bias[:, None]
 
     def score_map(self, pyramid: FeaturePyramid, size: tuple[int, int]) -> Tensor:
         """Decision value at every pixel of a ``size`` map -> ``(B, *size)``."""
@@ -63,13 +63,12 @@ def balanced_weights(labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     return weights.float(), (num_positive[:, 0] > 0) & (num_negative[:, 0] > 0)
 
 
-def _matvec(matrices: Tensor, vectors: Tensor) -> Tensor:
-    """``(B, N, C) @ (B, C) -> (B, N)``."""
-    return torch.bmm(matrices, vectors[:, :, None])[:, :, 0]
+def _row_times(vectors: Tensor, matrices: Tensor) -> Tensor:
+    """``(B, K) @ (B, K, M) -> (B, M)``.
 
-
-def _rmatvec(matrices: Tensor, vectors: Tensor) -> Tensor:
-    """``(B, N) @ (B, N, C) -> (B, C)`` (as a row-vector product: several times faster than einsum on CPU)."""
+    Both products the solver needs are written in this row-vector form, on ``X`` and on a contiguous copy of
+    ``X^T``: on CPU, a batched row-vector product is about ten times faster than the matrix-column one.
+    """
     return torch.bmm(vectors[:, None, :], matrices)[:, 0]
 
 
@@ -93,13 +92,13 @@ class _LinearClassifier:
         """d loss / d margin at ``margins = y * f``."""
         raise NotImplementedError
 
-    def _lipschitz(self, augmented: Tensor, weights: Tensor) -> Tensor:
+    def _lipschitz(self, augmented: Tensor, transposed: Tensor, weights: Tensor) -> Tensor:
         """Largest eigenvalue of ``X^T diag(a) X`` per image (power iteration), times the loss curvature."""
         vector = torch.ones(augmented.shape[0], augmented.shape[2], device=augmented.device)
         vector = vector / vector.norm(dim=1, keepdim=True)
         eigenvalue = torch.ones(augmented.shape[0], device=augmented.device)
         for _ in range(self.power_iter):
-            product = _rmatvec(augmented, weights * _matvec(augmented, vector))
+            product = _row_times(weights * _row_times(vector, transposed), augmented)
             eigenvalue = product.norm(dim=1)
             vector = product / eigenvalue.clamp(min=1e-12)[:, None]
         return self.curvature * eigenvalue * 1.1 + self.l2
@@ -119,7 +118,8 @@ class _LinearClassifier:
         signs = labels.float()
         weights, fitted = balanced_weights(labels, valid)
         augmented = torch.cat((features, torch.ones_like(features[..., :1])), dim=2)
-        step = 1.0 / self._lipschitz(augmented, weights)
+        transposed = augmented.transpose(1, 2).contiguous()
+        step = 1.0 / self._lipschitz(augmented, transposed, weights)
         penalty = torch.ones(augmented.shape[2], device=features.device)
         penalty[-1] = 0.0  # the bias is not regularized
 
@@ -127,9 +127,9 @@ class _LinearClassifier:
         momentum_point = params
         momentum = 1.0
         for _ in range(self.max_iter):
-            margins = signs * _matvec(augmented, momentum_point)
+            margins = signs * _row_times(momentum_point, transposed)
             grad_f = weights * signs * self.loss_derivative(margins)
-            gradient = _rmatvec(augmented, grad_f) + self.l2 * penalty * momentum_point
+            gradient = _row_times(grad_f, augmented) + self.l2 * penalty * momentum_point
             updated = momentum_point - step[:, None] * gradient
             next_momentum = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
             momentum_point = updated + ((momentum - 1) / next_momentum) * (updated - params)
