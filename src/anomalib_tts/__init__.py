@@ -5,6 +5,7 @@ from anomalib_tts.classifiers import CLASSIFIERS, LinearSVM, LogisticRegression
 from anomalib_tts.features import FEATURES, FeaturePyramid, ModelFeatures, TimmFeatures
 from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PercentilePeaks, PseudoLabels, RobustNominal
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
+from anomalib_tts.writer import MaskWriter
 
 __all__ = [
     "CLASSIFIERS",
@@ -13,6 +14,7 @@ __all__ = [
     "FeaturePyramid",
     "LinearSVM",
     "LogisticRegression",
+    "MaskWriter",
     "ModelFeatures",
     "NominalAware",
     "Outcome",
