@@ -2,6 +2,7 @@
 
 from .synthetic import (
     DEFECT_KINDS,
+    GEOMETRY_DEFECT_KINDS,
     MASK_THRESHOLD,
     TEXTURES,
     available_textures,
@@ -13,6 +14,7 @@ from .synthetic import (
 
 __all__ = [
     "DEFECT_KINDS",
+    "GEOMETRY_DEFECT_KINDS",
     "MASK_THRESHOLD",
     "TEXTURES",
     "available_textures",

@@ -16,6 +16,8 @@ Defects are synthetic but placed on real texture:
   whose intensity is shifted.
 * 3-D ``"bump"`` / ``"dent"``: a smooth Gaussian displacement of the ``z``
   coordinate of an organized point cloud, optionally invisible in RGB.
+* 3-D ``"groove"``: a thin, jagged furrow pressed into the surface (a dent
+  along a crack-like polyline), optionally invisible in RGB.
 
 Ground-truth masks are exact: for 2-D defects, a pixel is in the mask if and
 only if its 8-bit value changed by at least :data:`MASK_THRESHOLD` grey levels
@@ -42,6 +44,7 @@ from PIL import Image
 
 __all__ = [
     "DEFECT_KINDS",
+    "GEOMETRY_DEFECT_KINDS",
     "MASK_THRESHOLD",
     "TEXTURES",
     "available_textures",
@@ -69,6 +72,9 @@ TEXTURES: dict[str, str] = {
 
 #: Supported 2-D defect kinds for :func:`make_mvtec_dataset`.
 DEFECT_KINDS: tuple[str, ...] = ("crack", "blob")
+
+#: Supported 3-D defect kinds for :func:`make_mvtec3d_dataset`.
+GEOMETRY_DEFECT_KINDS: tuple[str, ...] = ("bump", "dent", "groove")
 
 #: Minimum change (in 8-bit grey levels, max over channels) for a pixel to be
 #: counted as altered; smaller changes are reverted.
@@ -190,9 +196,8 @@ def _blend_exact(orig: np.ndarray, target: np.ndarray, alpha: np.ndarray) -> tup
     return out, mask
 
 
-def _add_crack(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
-    size = img.shape[0]
-    thickness = int(rng.integers(1, 4))  # 1-3 px at output resolution
+def _random_polyline(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A jagged random walk of 8-15 segments spanning 35-65 % of the image side, ``(N, 2)`` xy points."""
     n_seg = int(rng.integers(8, 16))
     length = size * rng.uniform(0.35, 0.65)
     step = length / n_seg
@@ -203,7 +208,13 @@ def _add_crack(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
         heading += rng.normal(0.0, 0.45)
         nxt = pts[-1] + step * np.array([math.cos(heading), math.sin(heading)])
         pts.append(np.clip(nxt, 2, size - 3))
-    pts_arr = np.asarray(pts)
+    return np.asarray(pts)
+
+
+def _add_crack(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+    size = img.shape[0]
+    thickness = int(rng.integers(1, 4))  # 1-3 px at output resolution
+    pts_arr = _random_polyline(size, rng)
 
     def draw(canvas: np.ndarray, ss: int) -> None:
         p = np.rint((pts_arr + 0.5) * ss - 0.5).astype(np.int32).reshape(-1, 1, 2)
@@ -450,6 +461,32 @@ def _missing_points(size: int, rng: np.random.Generator, frac: float = 0.02) -> 
     return clusters | isolated
 
 
+def _surface_defect(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, float, dict]:
+    """Profile (peak 1), signed amplitude in metres and manifest entries of one 3-D defect."""
+    if kind == "groove":
+        amp = -rng.uniform(3e-4, 8e-4)
+        width = rng.uniform(1.0, 2.0) * size / 128
+        line = np.full((size, size), 255, np.uint8)
+        points = np.rint(_random_polyline(size, rng)).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(line, [points], isClosed=False, color=0, thickness=1, lineType=cv2.LINE_8)
+        distance = cv2.distanceTransform(line, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        profile = np.exp(-(distance.astype(np.float64) ** 2) / (2.0 * width**2))
+        return profile, float(amp), {"kind": kind, "amplitude_m": round(float(amp), 6), "width_px": round(width, 2)}
+    amp = rng.uniform(6e-4, 1.5e-3) * (1.0 if kind == "bump" else -1.0)
+    sigma = rng.uniform(0.04, 0.08) * size
+    m = 2.0 * sigma
+    cx, cy = rng.uniform(m, size - 1 - m, size=2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    profile = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * sigma**2))
+    info = {
+        "kind": kind,
+        "amplitude_m": round(float(amp), 6),
+        "sigma_px": round(float(sigma), 2),
+        "center_xy": [round(float(cx), 1), round(float(cy), 1)],
+    }
+    return profile, float(amp), info
+
+
 def make_mvtec3d_dataset(
     root: str | Path,
     category: str = "texture3d",
@@ -460,6 +497,7 @@ def make_mvtec3d_dataset(
     image_size: int = 128,
     seed: int = 0,
     geometry_only_defects: bool = True,
+    defect_kinds: Sequence[str] = ("bump", "dent"),
 ) -> Path:
     """Write a small MVTec 3D-AD-style dataset (RGB + organized XYZ point cloud).
 
@@ -477,13 +515,16 @@ def make_mvtec3d_dataset(
     curvature/tilt, 0.05 mm Gaussian noise); about 2 % of points are missing
     (all three coordinates set to 0, in small clusters and isolated pixels).
 
-    Each defective sample has one Gaussian bump or dent (alternating) of
-    amplitude 0.6-1.5 mm and width sigma 4-8 % of the image side, added to
-    ``z`` only. Its mask (0/255 PNG, ``gt``) is ``|dz| >= 0.25 * |amplitude|``;
-    normal test samples get all-zero masks. With
-    ``geometry_only_defects=True`` the RGB image is an untouched normal crop,
-    so the defect is visible only in the point cloud; otherwise the RGB is
-    also darkened in proportion to ``|dz|`` (up to 30-45 %).
+    Each defective sample has one defect, added to ``z`` only; kinds cycle
+    through ``defect_kinds``: a Gaussian ``"bump"`` or ``"dent"`` of amplitude
+    0.6-1.5 mm and width sigma 4-8 % of the image side, or a ``"groove"``: a
+    furrow 0.3-0.8 mm deep with a Gaussian cross-section (sigma 1-2 px per
+    128 px of image side) along a jagged polyline like the 2-D cracks. Its
+    mask (0/255 PNG, ``gt``) is ``|dz| >= 0.25 * |amplitude|``; normal test
+    samples get all-zero masks. With ``geometry_only_defects=True`` the RGB
+    image is an untouched normal crop, so the defect is visible only in the
+    point cloud; otherwise the RGB is also darkened in proportion to ``|dz|``
+    (up to 30-45 %).
 
     Existing ``.png``/``.tiff`` files in the leaf folders are deleted first.
 
@@ -497,12 +538,14 @@ def make_mvtec3d_dataset(
         image_size: Side length in pixels of images and point clouds.
         seed: Random seed; output is deterministic given all arguments.
         geometry_only_defects: If ``True`` defects exist only in the geometry.
+        defect_kinds: Non-empty subset of :data:`GEOMETRY_DEFECT_KINDS`
+            (``"bump"``, ``"dent"``, ``"groove"``), used round-robin.
 
     Returns:
         Path: The category directory ``root / category``.
 
     Raises:
-        ValueError: On an unknown texture or bad sizes.
+        ValueError: On an unknown texture or defect kind, or bad sizes.
 
     Example:
         >>> import tempfile, tifffile
@@ -514,6 +557,10 @@ def make_mvtec3d_dataset(
     """
     if image_size < 16:
         msg = f"image_size must be >= 16, got {image_size}."
+        raise ValueError(msg)
+    kinds = tuple(defect_kinds)
+    if any(kind not in GEOMETRY_DEFECT_KINDS for kind in kinds) or (n_test_defect > 0 and not kinds):
+        msg = f"defect_kinds must be a non-empty subset of {GEOMETRY_DEFECT_KINDS}, got {kinds}."
         raise ValueError(msg)
     _check_counts(n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect)
     tex = load_texture(texture)
@@ -544,29 +591,17 @@ def make_mvtec3d_dataset(
             mask = np.zeros((image_size, image_size), dtype=bool)
             name = _name(i, n)
             if label == "defect":
-                kind = "bump" if i % 2 == 0 else "dent"
-                amp = grng.uniform(6e-4, 1.5e-3) * (1.0 if kind == "bump" else -1.0)
-                sigma = grng.uniform(0.04, 0.08) * image_size
-                m = 2.0 * sigma
-                cx, cy = grng.uniform(m, image_size - 1 - m, size=2)
-                yy, xx = np.mgrid[0:image_size, 0:image_size]
-                bump = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * sigma**2))
-                dz = amp * bump
-                xyz[..., 2] += dz
-                mask = np.abs(dz) >= 0.25 * abs(amp)
+                profile, amp, info = _surface_defect(kinds[i % len(kinds)], image_size, grng)
+                xyz[..., 2] += amp * profile
+                mask = profile >= 0.25
                 if not geometry_only_defects:
                     k = grng.uniform(0.3, 0.45)
-                    rgb = np.clip(np.rint(rgb.astype(np.float32) * (1.0 - k * bump[..., None])), 0, 255).astype(
+                    rgb = np.clip(np.rint(rgb.astype(np.float32) * (1.0 - k * profile[..., None])), 0, 255).astype(
                         np.uint8
                     )
-                manifest[f"test/defect/rgb/{name}.png"] = {
-                    "kind": kind,
-                    "amplitude_m": round(float(amp), 6),
-                    "sigma_px": round(float(sigma), 2),
-                    "center_xy": [round(float(cx), 1), round(float(cy), 1)],
-                    "mask_fraction": round(float(mask.mean()), 5),
-                    "rgb_altered": not geometry_only_defects,
-                }
+                info["mask_fraction"] = round(float(mask.mean()), 5)
+                info["rgb_altered"] = not geometry_only_defects
+                manifest[f"test/defect/rgb/{name}.png"] = info
             _save_rgb(rgb_dir / f"{name}.png", rgb)
             xyz[..., 2] += noise
             xyz[missing] = 0.0
