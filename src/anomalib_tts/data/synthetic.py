@@ -465,13 +465,14 @@ def _surface_defect(kind: str, size: int, rng: np.random.Generator) -> tuple[np.
     """Profile (peak 1), signed amplitude in metres and manifest entries of one 3-D defect."""
     if kind == "groove":
         amp = -rng.uniform(3e-4, 8e-4)
-        width = rng.uniform(1.0, 2.0) * size / 128
+        half_width = rng.uniform(1.0, 2.5) * size / 128
         line = np.full((size, size), 255, np.uint8)
         points = np.rint(_random_polyline(size, rng)).astype(np.int32).reshape(-1, 1, 2)
         cv2.polylines(line, [points], isClosed=False, color=0, thickness=1, lineType=cv2.LINE_8)
         distance = cv2.distanceTransform(line, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-        profile = np.exp(-(distance.astype(np.float64) ** 2) / (2.0 * width**2))
-        return profile, float(amp), {"kind": kind, "amplitude_m": round(float(amp), 6), "width_px": round(width, 2)}
+        profile = np.clip(half_width + 0.5 - distance.astype(np.float64), 0.0, 1.0)  # steep, antialiased walls
+        info = {"kind": kind, "amplitude_m": round(float(amp), 6), "half_width_px": round(half_width, 2)}
+        return profile, float(amp), info
     amp = rng.uniform(6e-4, 1.5e-3) * (1.0 if kind == "bump" else -1.0)
     sigma = rng.uniform(0.04, 0.08) * size
     m = 2.0 * sigma
@@ -518,8 +519,8 @@ def make_mvtec3d_dataset(
     Each defective sample has one defect, added to ``z`` only; kinds cycle
     through ``defect_kinds``: a Gaussian ``"bump"`` or ``"dent"`` of amplitude
     0.6-1.5 mm and width sigma 4-8 % of the image side, or a ``"groove"``: a
-    furrow 0.3-0.8 mm deep with a Gaussian cross-section (sigma 1-2 px per
-    128 px of image side) along a jagged polyline like the 2-D cracks. Its
+    flat-bottomed furrow 0.3-0.8 mm deep with steep walls, 1-2.5 px per 128 px
+    of image side to each side of a jagged polyline like the 2-D cracks. Its
     mask (0/255 PNG, ``gt``) is ``|dz| >= 0.25 * |amplitude|``; normal test
     samples get all-zero masks. With ``geometry_only_defects=True`` the RGB
     image is an untouched normal crop, so the defect is visible only in the
