@@ -1,0 +1,26 @@
+"""Runs Python (anomalib's CLI) in a subprocess, offline, and returns what it printed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_python(*arguments: str, cwd: Path, **environment: str) -> str:
+    """``python *arguments`` in ``cwd`` with ``HF_HUB_OFFLINE=1`` and ``environment``; fails the test on an error."""
+    completed = subprocess.run(
+        [sys.executable, *arguments],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **environment},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-4000:]
+    return output
+
+
+def run_anomalib(*arguments: str, cwd: Path, **environment: str) -> str:
+    """``anomalib *arguments`` (the module its entry point runs)."""
+    return run_python("-m", "anomalib.cli.cli", *arguments, cwd=cwd, **environment)

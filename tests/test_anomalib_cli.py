@@ -1,0 +1,169 @@
+"""anomalib's own CLI with the refinement: config parsing, ``anomalib predict`` outputs, ``anomalib benchmark``.
+
+Each test runs the real CLI (``AnomalibCLI``) in a subprocess, offline, on the generated dataset.
+"""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from anomalib_tts.evaluation import f1_score
+from tests.cli_runs import run_anomalib, run_python
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+CONFIGS = REPOSITORY / "configs"
+ENGINE_SUBCOMMANDS = ("train", "test", "predict")
+
+# Runs the CLI in a loop (one interpreter start for every config) and keeps what each run printed.
+PRINT_CONFIGS = """
+import contextlib, io, json, sys
+from anomalib.cli.cli import AnomalibCLI
+results = {}
+for run in json.loads(sys.argv[2]):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            AnomalibCLI(args=[*run, "--print_config"])
+            code = "no exit"
+        except SystemExit as stop:
+            code = stop.code
+    results[" ".join(run)] = {"code": code, "printed": printed.getvalue()}
+json.dump(results, open(sys.argv[1], "w"))
+"""
+
+# `anomalib predict` as its entry point runs it, then saves what Engine.predict returned and the callback order.
+PREDICT_AND_KEEP = """
+import sys, torch
+from anomalib.cli.cli import AnomalibCLI
+cli = AnomalibCLI(args=sys.argv[2:])
+predictions = cli.engine.trainer.predict_loop.predictions
+torch.save({
+    "paths": [path for batch in predictions for path in batch.image_path],
+    "pred_masks": torch.cat([batch.pred_mask.reshape(-1, *batch.pred_mask.shape[-2:]) for batch in predictions]),
+    "anomaly_maps": torch.cat([batch.anomaly_map.reshape(-1, *batch.anomaly_map.shape[-2:]) for batch in predictions]),
+    "callbacks": [type(callback).__name__ for callback in cli.engine.trainer.callbacks],
+}, sys.argv[1])
+"""
+
+
+def _configs(key: str) -> list[Path]:
+    """The YAML files in ``configs/`` that hold a top-level ``key`` (``trainer``: anomalib's engine configs)."""
+    return [path for path in sorted(CONFIGS.rglob("*.yaml")) if key in yaml.safe_load(path.read_text())]
+
+
+def test_every_anomalib_config_parses_with_each_subcommand(tmp_path: Path) -> None:
+    configs = _configs("trainer")
+    assert {"padim", "patchcore", "fastflow", "efficient_ad"} <= {path.stem for path in configs}
+    runs = [[subcommand, "--config", str(path)] for path in configs for subcommand in ENGINE_SUBCOMMANDS]
+    run_python("-c", PRINT_CONFIGS, str(tmp_path / "printed.json"), json.dumps(runs), cwd=tmp_path)
+
+    results = json.loads((tmp_path / "printed.json").read_text())
+    for run in runs:
+        result = results[" ".join(run)]
+        assert result["code"] in (0, None), f"{run}: exit {result['code']}"
+        assert "anomalib_tts.TestTimeSegmentation" in result["printed"], run
+
+
+def test_every_benchmark_config_expands_to_anomalib_models_and_datamodules() -> None:
+    """``anomalib benchmark`` has no ``--print_config``; this expands each grid the way its job generator does."""
+    import anomalib.data
+    import anomalib.models
+    from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
+
+    configs = _configs("benchmark")
+    assert {"benchmark", "metal_plate"} <= {path.stem for path in configs}
+    for path in configs:
+        jobs = list(get_iterator_from_grid_dict(yaml.safe_load(path.read_text())["benchmark"]))
+        assert jobs, path
+        for job in jobs:
+            assert issubclass(getattr(anomalib.models, job["model"]["class_path"]), anomalib.models.AnomalibModule)
+            assert issubclass(getattr(anomalib.data, job["data"]["class_path"]), anomalib.data.AnomalibDataModule)
+
+
+def _png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path))) > 127
+
+
+def test_predict_on_a_folder_writes_the_refined_masks_it_returns(
+    synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
+) -> None:
+    images = synthetic_root / "texture" / "test"
+    arguments = [
+        "predict", "--config", str(CONFIGS / "padim.yaml"), "--model.init_args.pre_trained", "false",
+        "--ckpt_path", str(padim_checkpoint), "--data", str(images), "--default_root_dir", str(tmp_path / "results"),
+    ]  # fmt: skip
+    run_python("-c", PREDICT_AND_KEEP, str(tmp_path / "predictions.pt"), *arguments, cwd=tmp_path)
+    returned = torch.load(tmp_path / "predictions.pt")
+
+    order = returned["callbacks"]
+    post_processor, refinement = order.index("PostProcessor"), order.index("TestTimeSegmentation")
+    assert post_processor < refinement < order.index("ImageVisualizer")  # saved images show the refined masks
+    assert refinement < order.index("MaskWriter")
+
+    assert len(returned["paths"]) == len(list(images.rglob("*.png"))) == 15
+    masks_dir = next((tmp_path / "results").rglob("masks"))
+    differs = []
+    for path, mask, anomaly_map in zip(returned["paths"], returned["pred_masks"], returned["anomaly_maps"], strict=True):
+        written = _png(masks_dir / Path(path).parent.name / Path(path).name)  # same name as the input image
+        with Image.open(path) as image:
+            assert written.shape == (image.height, image.width)
+        at_input_size = F.interpolate(mask[None, None].float(), size=written.shape, mode="nearest-exact")[0, 0] > 0.5
+        assert torch.equal(written, at_input_size), path
+        differs.append(not torch.equal(mask.bool(), anomaly_map > 0.5))  # anomalib's own mask: normalized map > 0.5
+    assert any(differs)
+
+
+def _benchmark_config(synthetic_root: Path, path: Path) -> Path:
+    """configs/benchmark/benchmark.yaml, made offline and small: one PaDiM with random weights, the generated data."""
+    config = yaml.safe_load((CONFIGS / "benchmark" / "benchmark.yaml").read_text())
+    config["benchmark"]["model"] = {
+        "class_path": "Padim",
+        "init_args": {"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"], "pre_trained": False},
+    }
+    config["benchmark"]["data"]["init_args"].update(root=str(synthetic_root), category="texture", num_workers=0)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _benchmark(config: Path, cwd: Path, **environment: str) -> dict[str, str]:
+    cwd.mkdir()
+    output = run_anomalib("benchmark", "--config", str(config), cwd=cwd, **environment)
+    tables = list((cwd / "runs" / "benchmark").rglob("results.csv"))
+    assert len(tables) == 1, output[-4000:]  # the benchmark logs a failed job and still exits with 0
+    with tables[0].open() as file:
+        (row,) = csv.DictReader(file)
+    return row
+
+
+def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(synthetic_root: Path, tmp_path: Path) -> None:
+    config = _benchmark_config(synthetic_root, tmp_path / "benchmark.yaml")
+    # The benchmark builds its model before seeding (PaDiM draws its feature subset with Python's random), so
+    # both runs seed every generator at interpreter start to fit the same model.
+    seeded = tmp_path / "seeded"
+    seeded.mkdir()
+    (seeded / "sitecustomize.py").write_text("import random\nimport torch\nrandom.seed(0)\ntorch.manual_seed(0)\n")
+    refinement = tmp_path / "refinement.yaml"  # configs/benchmark/refinement.yaml, recording its masks
+    refinement.write_text("class_path: tests.recording.RecordingTestTimeSegmentation\ninit_args:\n  backbone: model\n")
+    recording = tmp_path / "masks.pt"
+    environment = {"PYTHONPATH": os.pathsep.join([str(seeded), str(REPOSITORY)]), "RECORDING_PATH": str(recording)}
+
+    enabled = _benchmark(config, tmp_path / "enabled", ANOMALIB_TTS_CONFIG=str(refinement), **environment)
+    masks = torch.load(recording)
+    refined_f1 = float(f1_score(masks["refined"].flatten(), masks["gt"].flatten()))
+    thresholded_f1 = float(f1_score(masks["thresholded"].flatten(), masks["gt"].flatten()))
+    assert not torch.equal(masks["refined"], masks["thresholded"])
+    assert float(enabled["pixel_F1Score"]) == pytest.approx(refined_f1, abs=1e-6)
+    assert float(enabled["tts_images_refined"]) + float(enabled["tts_images_kept"]) == len(masks["gt"])
+
+    disabled = _benchmark(config, tmp_path / "disabled", ANOMALIB_TTS_CONFIG="", **environment)
+    assert not any(column.startswith("tts_") for column in disabled)
+    assert float(disabled["pixel_F1Score"]) == pytest.approx(thresholded_f1, abs=1e-6)
+    assert disabled["pixel_AUROC"] == enabled["pixel_AUROC"]  # the same fitted model
