@@ -111,7 +111,8 @@ def test_predict_on_a_folder_writes_the_refined_masks_it_returns(
     assert len(returned["paths"]) == len(list(images.rglob("*.png"))) == 15
     masks_dir = next((tmp_path / "results").rglob("masks"))
     differs = []
-    for path, mask, anomaly_map in zip(returned["paths"], returned["pred_masks"], returned["anomaly_maps"], strict=True):
+    outputs = zip(returned["paths"], returned["pred_masks"], returned["anomaly_maps"], strict=True)
+    for path, mask, anomaly_map in outputs:
         written = _png(masks_dir / Path(path).parent.name / Path(path).name)  # same name as the input image
         with Image.open(path) as image:
             assert written.shape == (image.height, image.width)
@@ -143,7 +144,9 @@ def _benchmark(config: Path, cwd: Path, **environment: str) -> dict[str, str]:
     return row
 
 
-def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(synthetic_root: Path, tmp_path: Path) -> None:
+def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
     config = _benchmark_config(synthetic_root, tmp_path / "benchmark.yaml")
     # The benchmark builds its model before seeding (PaDiM draws its feature subset with Python's random), so
     # both runs seed every generator at interpreter start to fit the same model.

@@ -37,7 +37,8 @@ def test_mask_writer_mirrors_the_input_path_and_keeps_the_mask(tmp_path: Path) -
         _input_image(tmp_path / "images" / "test" / "good" / "003.png", (32, 48)),
     ]
     writer = MaskWriter(output_dir=str(tmp_path / "masks"))
-    writer.write_on_batch_end(_trainer(tmp_path), None, SimpleNamespace(pred_mask=masks, image_path=paths), None, None, 0, 0)
+    predictions = SimpleNamespace(pred_mask=masks, image_path=paths)
+    writer.write_on_batch_end(_trainer(tmp_path), None, predictions, None, None, 0, 0)
 
     written = sorted((tmp_path / "masks").rglob("*.png"))
     assert [path.relative_to(tmp_path / "masks").as_posix() for path in written] == ["crack/003.png", "good/003.png"]
@@ -74,7 +75,8 @@ def test_mask_writer_defaults_to_the_trainer_folder_and_moves_itself_last(tmp_pa
 
 def test_mask_writer_warns_on_predictions_without_masks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        MaskWriter(output_dir=str(tmp_path)).write_on_batch_end(_trainer(tmp_path), None, SimpleNamespace(), None, None, 3, 0)
+        writer = MaskWriter(output_dir=str(tmp_path))
+        writer.write_on_batch_end(_trainer(tmp_path), None, SimpleNamespace(), None, None, 3, 0)
     assert "no pred_mask" in caplog.text
     assert not list(tmp_path.rglob("*.png"))
 
@@ -100,11 +102,14 @@ def test_factory_adds_nothing_unless_the_variable_is_set(monkeypatch: pytest.Mon
     "text",
     [
         "backbone: model\nmax_positives: 321\ngate: pred_label\n",
-        "class_path: anomalib_tts.TestTimeSegmentation\ninit_args:\n  backbone: model\n  max_positives: 321\n  gate: pred_label\n",
+        "class_path: anomalib_tts.TestTimeSegmentation\n"
+        "init_args:\n  backbone: model\n  max_positives: 321\n  gate: pred_label\n",
     ],
     ids=["init_args", "class_path"],
 )
-def test_factory_builds_the_callback_the_file_describes(text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_factory_builds_the_callback_the_file_describes(
+    text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "tts.yaml"
     path.write_text(text)
     monkeypatch.setenv(CONFIG_VARIABLE, str(path))
@@ -131,7 +136,9 @@ def test_the_benchmark_refinement_config_loads() -> None:
         ("class_path: anomalib_tts.TestTimeSegmentation\nbackbone: model\n", ValueError, "backbone"),
     ],
 )
-def test_factory_errors_name_the_file(text: str, error: type, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_factory_errors_name_the_file(
+    text: str, error: type, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "broken_refinement.yaml"
     path.write_text(text)
     monkeypatch.setenv(CONFIG_VARIABLE, str(path))

@@ -18,7 +18,10 @@ environment variable ``ANOMALIB_TTS_CONFIG`` names a YAML file with the callback
       backbone: model
 
 Example:
-    ``ANOMALIB_TTS_CONFIG=configs/benchmark/refinement.yaml anomalib benchmark --config configs/benchmark/benchmark.yaml``
+    .. code-block:: bash
+
+        ANOMALIB_TTS_CONFIG=configs/benchmark/refinement.yaml \\
+            anomalib benchmark --config configs/benchmark/benchmark.yaml
 """
 
 import importlib
@@ -129,11 +132,11 @@ class ConfiguredCallbackGuard(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        configured = [
-            other for other in trainer.callbacks if isinstance(other, TestTimeSegmentation) and other is not self.callback
-        ]
+        refiners = [other for other in trainer.callbacks if isinstance(other, TestTimeSegmentation)]
+        configured = [other for other in refiners if other is not self.callback]
         if configured:
-            logger.info("%s ignored: the Trainer's callbacks already hold %s", CONFIG_VARIABLE, type(configured[0]).__name__)
+            name = type(configured[0]).__name__
+            logger.info("%s ignored: the Trainer's callbacks already hold %s", CONFIG_VARIABLE, name)
             self.callback.teardown(trainer, pl_module, stage)
             dropped = {id(self), id(self.callback), id(self.callback._raw_maps)}  # noqa: SLF001
             trainer.callbacks = [other for other in trainer.callbacks if id(other) not in dropped]

@@ -75,7 +75,7 @@ class MaskWriter(BasePredictionWriter):
             logger.warning("MaskWriter: the predictions of batch %d have no pred_mask; nothing written", batch_idx)
             return
         masks = masks.reshape(-1, *masks.shape[-2:]).bool().cpu()
-        paths = getattr(prediction, "image_path", None) or [f"batch{batch_idx}_{index}.png" for index in range(len(masks))]
+        paths = getattr(prediction, "image_path", None) or [f"batch{batch_idx}_{i}.png" for i in range(len(masks))]
         for mask, path in zip(masks, paths, strict=True):
             self.write(mask, path, trainer)
 
