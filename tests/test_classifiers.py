@@ -74,3 +74,38 @@ def test_balanced_weights_give_each_class_half() -> None:
 def test_invalid_arguments(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         LinearSVM(**kwargs)
+
+
+def _objective(classifier, decision, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    weights, _ = balanced_weights(labels, torch.ones_like(labels, dtype=torch.bool))
+    margins = labels * decision.scores(features)
+    return (weights * classifier.loss(margins)).sum(dim=1) + classifier.l2 / 2 * decision.weight.square().sum(dim=1)
+
+
+@pytest.mark.parametrize("name", ["svm", "logistic"])
+def test_newton_reaches_the_optimum_gradient_descent_approaches(name: str) -> None:
+    features, labels = _problems(samples=300)
+    labels[:, ::7] *= -1  # not separable: the optimum has active samples on both sides
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    newton = CLASSIFIERS.get(name)(solver="newton", max_iter=30)
+    gradient = CLASSIFIERS.get(name)(solver="gradient", max_iter=5000)
+    newton_objective = _objective(newton, newton.fit(features, labels, valid), features, labels)
+    gradient_objective = _objective(gradient, gradient.fit(features, labels, valid), features, labels)
+    assert (newton_objective <= gradient_objective * (1 + 1e-4)).all(), (newton_objective, gradient_objective)
+    assert torch.allclose(newton_objective, gradient_objective, rtol=1e-3)
+
+
+@pytest.mark.parametrize("solver", ["newton", "gradient"])
+def test_an_image_gets_the_same_model_whatever_its_batchmates(solver: str) -> None:
+    features, labels = _problems(batch=3, samples=600)
+    labels[2, ::3] *= -1  # a batchmate that keeps many samples active for many steps
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    alone = LinearSVM(solver=solver).fit(features[:1], labels[:1], valid[:1])
+    together = LinearSVM(solver=solver).fit(features, labels, valid)
+    assert torch.equal(alone.weight[0], together.weight[0])
+    assert torch.equal(alone.bias[0], together.bias[0])
+
+
+def test_unknown_solver_is_rejected() -> None:
+    with pytest.raises(ValueError, match="solver"):
+        LinearSVM(solver="lbfgs")

@@ -4,13 +4,20 @@ Each classifier solves, for every image ``b`` independently but in one batched t
 
     min_{w, c}  sum_i a_bi * loss(y_bi * (x_bi . w + c)) + l2 / 2 * |w|^2
 
-with class-balanced sample weights ``a`` (each class sums to 1/2), by Nesterov-accelerated gradient descent
-with a fixed number of steps of size ``1 / L`` (``L`` from a batched power iteration). No autograd, no
-randomness: the same input always gives the same model.
+with class-balanced sample weights ``a`` (each class sums to 1/2). Two solvers, both batched, without
+autograd or randomness (the same input always gives the same model, whatever else is in the batch):
+
+- ``"newton"`` (default): damped Newton steps, each solving the ``C x C`` system of the (generalized)
+  Hessian by a batched Cholesky factorization, with a step chosen per image among a few halvings. It reaches
+  the optimum in a handful of steps; an image stops moving once its Newton decrement is negligible. Its cost,
+  ``N * C^2`` per step in matrix products, suits feature sizes up to a few hundred channels, and any size on
+  a GPU.
+- ``"gradient"``: Nesterov-accelerated gradient descent, a fixed number of steps of size ``1 / L`` (``L``
+  from a batched power iteration); ``N * C`` per step, for wide features (thousands of channels) on CPU.
 """
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -72,36 +79,72 @@ def _row_times(vectors: Tensor, matrices: Tensor) -> Tensor:
     return torch.bmm(vectors[:, None, :], matrices)[:, 0]
 
 
+def _weighted_gram(matrices: Tensor, sample_weights: Tensor) -> Tensor:
+    """``X^T diag(c) X`` per image, over the samples with ``c > 0`` only.
+
+    With the squared hinge, samples beyond the margin have no curvature; after the first Newton steps they are
+    most of them, so the products run on the active rows alone. Rows are taken in index order and summed in
+    fixed chunks, so an image's result does not depend on how many rows its batchmates need.
+    """
+    active = sample_weights > 0
+    order = torch.sort(~active, dim=1, stable=True).indices
+    needed = int(active.sum(dim=1).max())
+    dim = matrices.shape[2]
+    gram = matrices.new_zeros(matrices.shape[0], dim, dim)
+    for start in range(0, needed, GRAM_CHUNK):
+        index = order[:, start : start + GRAM_CHUNK]
+        rows = matrices.gather(1, index[:, :, None].expand(-1, -1, dim))
+        weights = torch.where(active.gather(1, index), sample_weights.gather(1, index), 0.0)
+        gram = gram + torch.bmm(rows.transpose(1, 2) * weights[:, None, :], rows)
+    return gram
+
+
+GRAM_CHUNK = 256
+NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+NEWTON_TOLERANCE = 1e-9  # Newton decrement below which an image's model no longer moves
+BIAS_JITTER = 1e-6  # keeps the Hessian definite when no sample is active (the bias is not regularized)
+SOLVERS = ("newton", "gradient")
+
+
 class _LinearClassifier:
-    """Shared batched solver; subclasses give the loss derivative and its curvature bound."""
+    """Shared batched solvers; subclasses give the loss, its derivative and curvature."""
 
-    curvature: float
+    curvature: float  # upper bound of the loss's second derivative (gradient step size)
 
-    def __init__(self, l2: float = 1e-3, max_iter: int = 200, power_iter: int = 20) -> None:
+    def __init__(
+        self,
+        l2: float = 1e-3,
+        solver: Literal["newton", "gradient"] = "newton",
+        max_iter: int | None = None,
+        power_iter: int = 20,
+    ) -> None:
         if l2 <= 0:
             msg = f"l2 must be > 0, got {l2}"
             raise ValueError(msg)
+        if solver not in SOLVERS:
+            msg = f"solver must be one of {SOLVERS}, got {solver!r}"
+            raise ValueError(msg)
+        if max_iter is None:
+            max_iter = 10 if solver == "newton" else 200
         if max_iter < 1:
             msg = f"max_iter must be >= 1, got {max_iter}"
             raise ValueError(msg)
         self.l2 = l2
+        self.solver = solver
         self.max_iter = max_iter
         self.power_iter = power_iter
 
-    def loss_derivative(self, margins: Tensor) -> Tensor:
-        """d loss / d margin at ``margins = y * f``."""
+    def loss(self, margins: Tensor) -> Tensor:
+        """Loss at ``margins = y * f``."""
         raise NotImplementedError
 
-    def _lipschitz(self, augmented: Tensor, transposed: Tensor, weights: Tensor) -> Tensor:
-        """Largest eigenvalue of ``X^T diag(a) X`` per image (power iteration), times the loss curvature."""
-        vector = torch.ones(augmented.shape[0], augmented.shape[2], device=augmented.device)
-        vector = vector / vector.norm(dim=1, keepdim=True)
-        eigenvalue = torch.ones(augmented.shape[0], device=augmented.device)
-        for _ in range(self.power_iter):
-            product = _row_times(weights * _row_times(vector, transposed), augmented)
-            eigenvalue = product.norm(dim=1)
-            vector = product / eigenvalue.clamp(min=1e-12)[:, None]
-        return self.curvature * eigenvalue * 1.1 + self.l2
+    def loss_derivative(self, margins: Tensor) -> Tensor:
+        """d loss / d margin."""
+        raise NotImplementedError
+
+    def loss_curvature(self, margins: Tensor) -> Tensor:
+        """d^2 loss / d margin^2 (generalized where the loss has a kink)."""
+        raise NotImplementedError
 
     def fit(self, features: Tensor, labels: Tensor, valid: Tensor) -> LinearDecision:
         """Fit one model per image; see the module docstring for the objective.
@@ -119,11 +162,54 @@ class _LinearClassifier:
         weights, fitted = balanced_weights(labels, valid)
         augmented = torch.cat((features, torch.ones_like(features[..., :1])), dim=2)
         transposed = augmented.transpose(1, 2).contiguous()
-        step = 1.0 / self._lipschitz(augmented, transposed, weights)
         penalty = torch.ones(augmented.shape[2], device=features.device)
         penalty[-1] = 0.0  # the bias is not regularized
+        solve = self._newton if self.solver == "newton" else self._gradient_descent
+        params = solve(augmented, transposed, signs, weights, penalty)
 
-        params = torch.zeros(augmented.shape[0], augmented.shape[2], device=features.device)
+        fitted = fitted & torch.isfinite(params).all(dim=1)
+        params = torch.where(fitted[:, None], params, torch.zeros_like(params))
+        return LinearDecision(weight=params[:, :-1], bias=params[:, -1], fitted=fitted)
+
+    def _objective(self, margins: Tensor, params: Tensor, weights: Tensor, penalty: Tensor) -> Tensor:
+        """Objective for ``margins (..., N)`` and ``params (..., C)`` whose leading dims broadcast."""
+        return (weights * self.loss(margins)).sum(dim=-1) + self.l2 / 2 * (penalty * params.square()).sum(dim=-1)
+
+    def _newton(self, augmented: Tensor, transposed: Tensor, signs: Tensor, weights: Tensor, penalty: Tensor) -> Tensor:
+        batch_size, _, dim = augmented.shape
+        regularizer = torch.diag(self.l2 * penalty + BIAS_JITTER)
+        step_sizes = augmented.new_tensor(NEWTON_STEP_SIZES)[None, :, None]
+        params = augmented.new_zeros(batch_size, dim)
+        margins = torch.zeros_like(signs)
+        moving = torch.ones(batch_size, dtype=torch.bool, device=augmented.device)
+        broken = torch.zeros_like(moving)
+        for _ in range(self.max_iter):
+            gradient = _row_times(weights * signs * self.loss_derivative(margins), augmented) + self.l2 * penalty * params
+            hessian = _weighted_gram(augmented, weights * self.loss_curvature(margins)) + regularizer
+            factor, info = torch.linalg.cholesky_ex(hessian)
+            direction = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
+            broken = broken | (info != 0) | ~torch.isfinite(direction).all(dim=1)
+            moving = moving & ~broken & (-(gradient * direction).sum(dim=1) > NEWTON_TOLERANCE)
+            direction = torch.where(moving[:, None], direction, torch.zeros_like(direction))
+            margin_slope = signs * _row_times(direction, transposed)
+            objective = self._objective(
+                margins[:, None] + step_sizes * margin_slope[:, None],
+                params[:, None] + step_sizes * direction[:, None],
+                weights[:, None],
+                penalty,
+            )
+            step = step_sizes[0, :, 0][objective.argmin(dim=1)]
+            params = params + step[:, None] * direction
+            margins = margins + step[:, None] * margin_slope
+            if not bool(moving.any()):
+                break
+        return torch.where(broken[:, None], torch.full_like(params, float("nan")), params)
+
+    def _gradient_descent(
+        self, augmented: Tensor, transposed: Tensor, signs: Tensor, weights: Tensor, penalty: Tensor
+    ) -> Tensor:
+        step = 1.0 / self._lipschitz(augmented, transposed, weights)
+        params = torch.zeros(augmented.shape[0], augmented.shape[2], device=augmented.device)
         momentum_point = params
         momentum = 1.0
         for _ in range(self.max_iter):
@@ -134,10 +220,18 @@ class _LinearClassifier:
             next_momentum = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
             momentum_point = updated + ((momentum - 1) / next_momentum) * (updated - params)
             params, momentum = updated, next_momentum
+        return params
 
-        fitted = fitted & torch.isfinite(params).all(dim=1)
-        params = torch.where(fitted[:, None], params, torch.zeros_like(params))
-        return LinearDecision(weight=params[:, :-1], bias=params[:, -1], fitted=fitted)
+    def _lipschitz(self, augmented: Tensor, transposed: Tensor, weights: Tensor) -> Tensor:
+        """Largest eigenvalue of ``X^T diag(a) X`` per image (power iteration), times the loss curvature."""
+        vector = torch.ones(augmented.shape[0], augmented.shape[2], device=augmented.device)
+        vector = vector / vector.norm(dim=1, keepdim=True)
+        eigenvalue = torch.ones(augmented.shape[0], device=augmented.device)
+        for _ in range(self.power_iter):
+            product = _row_times(weights * _row_times(vector, transposed), augmented)
+            eigenvalue = product.norm(dim=1)
+            vector = product / eigenvalue.clamp(min=1e-12)[:, None]
+        return self.curvature * eigenvalue * 1.1 + self.l2
 
 
 @CLASSIFIERS.register("svm")
@@ -146,8 +240,9 @@ class LinearSVM(_LinearClassifier):
 
     Args:
         l2: L2 penalty on the weights (not the bias), > 0.
-        max_iter: Number of accelerated gradient steps.
-        power_iter: Power-iteration steps for the step size.
+        solver: ``"newton"`` or ``"gradient"`` (see the module docstring).
+        max_iter: Most Newton steps (default 10) or gradient steps (default 200).
+        power_iter: Power-iteration steps for the gradient solver's step size.
 
     Example:
         >>> features = torch.tensor([[[2.0], [1.0], [-1.0], [-2.0]]])
@@ -159,8 +254,14 @@ class LinearSVM(_LinearClassifier):
 
     curvature = 2.0
 
+    def loss(self, margins: Tensor) -> Tensor:
+        return (1 - margins).clamp(min=0).square()
+
     def loss_derivative(self, margins: Tensor) -> Tensor:
         return -2 * (1 - margins).clamp(min=0)
+
+    def loss_curvature(self, margins: Tensor) -> Tensor:
+        return 2.0 * (margins < 1)
 
 
 @CLASSIFIERS.register("logistic")
@@ -169,8 +270,9 @@ class LogisticRegression(_LinearClassifier):
 
     Args:
         l2: L2 penalty on the weights (not the bias), > 0.
-        max_iter: Number of accelerated gradient steps.
-        power_iter: Power-iteration steps for the step size.
+        solver: ``"newton"`` or ``"gradient"`` (see the module docstring).
+        max_iter: Most Newton steps (default 10) or gradient steps (default 200).
+        power_iter: Power-iteration steps for the gradient solver's step size.
 
     Example:
         >>> features = torch.tensor([[[2.0], [1.0], [-1.0], [-2.0]]])
@@ -182,5 +284,11 @@ class LogisticRegression(_LinearClassifier):
 
     curvature = 0.25
 
+    def loss(self, margins: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(-margins)
+
     def loss_derivative(self, margins: Tensor) -> Tensor:
         return -torch.sigmoid(-margins)
+
+    def loss_curvature(self, margins: Tensor) -> Tensor:
+        return torch.sigmoid(margins) * torch.sigmoid(-margins)
