@@ -109,3 +109,12 @@ def test_an_image_gets_the_same_model_whatever_its_batchmates(solver: str) -> No
 def test_unknown_solver_is_rejected() -> None:
     with pytest.raises(ValueError, match="solver"):
         LinearSVM(solver="lbfgs")
+
+
+@pytest.mark.parametrize(("channels", "expected"), [(8, "newton"), (600, "gradient")])
+def test_auto_solver_picks_newton_for_narrow_features_only(channels: int, expected: str) -> None:
+    features, labels = _problems(batch=1, samples=100, channels=channels)
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    auto = LinearSVM().fit(features, labels, valid)
+    chosen = LinearSVM(solver=expected).fit(features, labels, valid)
+    assert torch.equal(auto.weight, chosen.weight)

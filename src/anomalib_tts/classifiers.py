@@ -7,13 +7,14 @@ Each classifier solves, for every image ``b`` independently but in one batched t
 with class-balanced sample weights ``a`` (each class sums to 1/2). Two solvers, both batched, without
 autograd or randomness (the same input always gives the same model, whatever else is in the batch):
 
-- ``"newton"`` (default): damped Newton steps, each solving the ``C x C`` system of the (generalized)
+- ``"newton"``: damped Newton steps, each solving the ``C x C`` system of the (generalized)
   Hessian by a batched Cholesky factorization, with a step chosen per image among a few halvings. It reaches
   the optimum in a handful of steps; an image stops moving once its Newton decrement is negligible. Its cost,
   ``N * C^2`` per step in matrix products, suits feature sizes up to a few hundred channels, and any size on
   a GPU.
 - ``"gradient"``: Nesterov-accelerated gradient descent, a fixed number of steps of size ``1 / L`` (``L``
-  from a batched power iteration); ``N * C`` per step, for wide features (thousands of channels) on CPU.
+  from a batched power iteration); ``N * C`` per step, for wide features (thousands of channels).
+- ``"auto"`` (default): Newton up to ``NEWTON_MAX_CHANNELS`` channels, gradient descent above.
 """
 
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ def _row_times(vectors: Tensor, matrices: Tensor) -> Tensor:
     return torch.bmm(vectors[:, None, :], matrices)[:, 0]
 
 
+def _scalar_reads_are_free(tensor: Tensor) -> bool:
+    """Shortcuts that read a value back to Python are taken on CPU only; on an accelerator they stall its queue."""
+    return tensor.device.type == "cpu"
+
+
 def _weighted_gram(matrices: Tensor, sample_weights: Tensor) -> Tensor:
     """``X^T diag(c) X`` per image, over the samples with ``c > 0`` only.
 
@@ -88,7 +94,7 @@ def _weighted_gram(matrices: Tensor, sample_weights: Tensor) -> Tensor:
     """
     active = sample_weights > 0
     order = torch.sort(~active, dim=1, stable=True).indices
-    needed = int(active.sum(dim=1).max())
+    needed = int(active.sum(dim=1).max()) if _scalar_reads_are_free(active) else active.shape[1]
     dim = matrices.shape[2]
     gram = matrices.new_zeros(matrices.shape[0], dim, dim)
     for start in range(0, needed, GRAM_CHUNK):
@@ -103,7 +109,10 @@ GRAM_CHUNK = 256
 NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
 NEWTON_TOLERANCE = 1e-9  # Newton decrement below which an image's model no longer moves
 BIAS_JITTER = 1e-6  # keeps the Hessian definite when no sample is active (the bias is not regularized)
-SOLVERS = ("newton", "gradient")
+SOLVERS = ("auto", "newton", "gradient")
+NEWTON_MAX_CHANNELS = 512
+NEWTON_STEPS = 10
+GRADIENT_STEPS = 200
 
 
 class _LinearClassifier:
@@ -114,7 +123,7 @@ class _LinearClassifier:
     def __init__(
         self,
         l2: float = 1e-3,
-        solver: Literal["newton", "gradient"] = "newton",
+        solver: Literal["auto", "newton", "gradient"] = "auto",
         max_iter: int | None = None,
         power_iter: int = 20,
     ) -> None:
@@ -124,9 +133,7 @@ class _LinearClassifier:
         if solver not in SOLVERS:
             msg = f"solver must be one of {SOLVERS}, got {solver!r}"
             raise ValueError(msg)
-        if max_iter is None:
-            max_iter = 10 if solver == "newton" else 200
-        if max_iter < 1:
+        if max_iter is not None and max_iter < 1:
             msg = f"max_iter must be >= 1, got {max_iter}"
             raise ValueError(msg)
         self.l2 = l2
@@ -164,8 +171,12 @@ class _LinearClassifier:
         transposed = augmented.transpose(1, 2).contiguous()
         penalty = torch.ones(augmented.shape[2], device=features.device)
         penalty[-1] = 0.0  # the bias is not regularized
-        solve = self._newton if self.solver == "newton" else self._gradient_descent
-        params = solve(augmented, transposed, signs, weights, penalty)
+        solver = self.solver
+        if solver == "auto":
+            solver = "newton" if features.shape[2] <= NEWTON_MAX_CHANNELS else "gradient"
+        solve = self._newton if solver == "newton" else self._gradient_descent
+        steps = self.max_iter or (NEWTON_STEPS if solver == "newton" else GRADIENT_STEPS)
+        params = solve(augmented, transposed, signs, weights, penalty, steps)
 
         fitted = fitted & torch.isfinite(params).all(dim=1)
         params = torch.where(fitted[:, None], params, torch.zeros_like(params))
@@ -175,7 +186,9 @@ class _LinearClassifier:
         """Objective for ``margins (..., N)`` and ``params (..., C)`` whose leading dims broadcast."""
         return (weights * self.loss(margins)).sum(dim=-1) + self.l2 / 2 * (penalty * params.square()).sum(dim=-1)
 
-    def _newton(self, augmented: Tensor, transposed: Tensor, signs: Tensor, weights: Tensor, penalty: Tensor) -> Tensor:
+    def _newton(
+        self, augmented: Tensor, transposed: Tensor, signs: Tensor, weights: Tensor, penalty: Tensor, steps: int
+    ) -> Tensor:
         batch_size, _, dim = augmented.shape
         regularizer = torch.diag(self.l2 * penalty + BIAS_JITTER)
         step_sizes = augmented.new_tensor(NEWTON_STEP_SIZES)[None, :, None]
@@ -183,7 +196,7 @@ class _LinearClassifier:
         margins = torch.zeros_like(signs)
         moving = torch.ones(batch_size, dtype=torch.bool, device=augmented.device)
         broken = torch.zeros_like(moving)
-        for _ in range(self.max_iter):
+        for _ in range(steps):
             gradient = _row_times(weights * signs * self.loss_derivative(margins), augmented) + self.l2 * penalty * params
             hessian = _weighted_gram(augmented, weights * self.loss_curvature(margins)) + regularizer
             factor, info = torch.linalg.cholesky_ex(hessian)
@@ -201,18 +214,18 @@ class _LinearClassifier:
             step = step_sizes[0, :, 0][objective.argmin(dim=1)]
             params = params + step[:, None] * direction
             margins = margins + step[:, None] * margin_slope
-            if not bool(moving.any()):
+            if _scalar_reads_are_free(moving) and not bool(moving.any()):
                 break
         return torch.where(broken[:, None], torch.full_like(params, float("nan")), params)
 
     def _gradient_descent(
-        self, augmented: Tensor, transposed: Tensor, signs: Tensor, weights: Tensor, penalty: Tensor
+        self, augmented: Tensor, transposed: Tensor, signs: Tensor, weights: Tensor, penalty: Tensor, steps: int
     ) -> Tensor:
         step = 1.0 / self._lipschitz(augmented, transposed, weights)
         params = torch.zeros(augmented.shape[0], augmented.shape[2], device=augmented.device)
         momentum_point = params
         momentum = 1.0
-        for _ in range(self.max_iter):
+        for _ in range(steps):
             margins = signs * _row_times(momentum_point, transposed)
             grad_f = weights * signs * self.loss_derivative(margins)
             gradient = _row_times(grad_f, augmented) + self.l2 * penalty * momentum_point
@@ -240,7 +253,7 @@ class LinearSVM(_LinearClassifier):
 
     Args:
         l2: L2 penalty on the weights (not the bias), > 0.
-        solver: ``"newton"`` or ``"gradient"`` (see the module docstring).
+        solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
         max_iter: Most Newton steps (default 10) or gradient steps (default 200).
         power_iter: Power-iteration steps for the gradient solver's step size.
 
@@ -270,7 +283,7 @@ class LogisticRegression(_LinearClassifier):
 
     Args:
         l2: L2 penalty on the weights (not the bias), > 0.
-        solver: ``"newton"`` or ``"gradient"`` (see the module docstring).
+        solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
         max_iter: Most Newton steps (default 10) or gradient steps (default 200).
         power_iter: Power-iteration steps for the gradient solver's step size.
 
