@@ -118,7 +118,7 @@ class TestTimeSegmentation(Callback):
         pre_trained: Load pretrained backbone weights (timm / Hugging Face cache).
         weights: Local state dict file for the backbone, for machines without network access.
         classifier: ``"svm"`` (linear SVM, squared hinge, as in the paper) or ``"logistic"``.
-        classifier_args: Keyword arguments of the classifier (``l2``, ``max_iter``).
+        classifier_args: Keyword arguments of the classifier (``l2``, ``solver``, ``max_iter``).
         gate: ``"none"`` refines every image whose map has confident defect pixels; ``"pred_label"`` refines
             only images anomalib labels anomalous.
         max_positives: Cap on positives sampled per image.
