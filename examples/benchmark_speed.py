@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Time and memory of the refinement next to the model's own test step, measured in one process.
+
+For each image size, PatchCore is fitted once on the category's ``train/good`` images. Then, for each batch
+size, the same test batches go through the model's test step (anomalib's pre-processing, forward and
+post-processing: what ``Engine.test`` runs per batch, without data loading and metrics) and right after it
+through the refinement, each timed on its own. Peak memory is the process's resident set size on CPU (sampled
+every 0.5 ms) and ``torch.cuda.max_memory_allocated`` on GPU. The table
+prints, per image, the model's time, the refinement's time, their ratio, the model's peak and the peak of test
+with refinement relative to it.
+
+``--check-masks`` also refines every test image twice, with the default layout and with an unoptimized one
+that upsamples every feature map to full resolution before sampling and classifying, and prints how far the
+masks differ.
+
+    HF_HUB_CACHE=../shared/weights/hf-hub HF_HUB_OFFLINE=1 python examples/benchmark_speed.py \\
+        --dataset-root ../shared/datasets --category metal_plate --check-masks
+
+Without ``--dataset-root`` a small generated dataset is used; ``--random-weights`` times without pretrained
+weights (e.g. WideResNet-50 on a machine without network access: ``--backbone wide_resnet50_2 --layers layer2
+layer3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.models import Patchcore
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor
+from torchvision.transforms.v2 import Resize
+
+from anomalib_tts import TestTimeRefiner, TestTimeSegmentation
+from anomalib_tts.callback import unclipped_scores
+from anomalib_tts.evaluation import f1_score
+from anomalib_tts.features import FeaturePyramid
+from anomalib_tts.sampling import path_seeds
+
+
+class FullResolutionPyramid(FeaturePyramid):
+    """The unoptimized reference: every standardized feature map upsampled to the score map's size first."""
+
+    def __init__(self, feature_maps: list[Tensor], size: tuple[int, int]) -> None:
+        super().__init__(feature_maps)
+        upsampled = [F.interpolate(level, size=size, mode="bilinear", align_corners=False) for level in self.levels]
+        self.full = torch.cat(upsampled, dim=1)
+
+    def sample(self, grid: Tensor) -> Tensor:
+        height, width = self.full.shape[-2:]
+        cols = ((grid[..., 0] + 1) * width - 1) / 2
+        rows = ((grid[..., 1] + 1) * height - 1) / 2
+        flat = rows.round().long() * width + cols.round().long()
+        features = self.full.flatten(2)
+        return features.gather(2, flat[:, None].expand(-1, features.shape[1], -1)).transpose(1, 2)
+
+    def project(self, weight: Tensor, size: tuple[int, int]) -> Tensor:
+        del size
+        return torch.einsum("bchw,bc->bhw", self.full, weight)
+
+
+class UnoptimizedRefiner(TestTimeRefiner):
+    """The same refinement over :class:`FullResolutionPyramid` features."""
+
+    def make_pyramid(self, feature_maps: list[Tensor], size: tuple[int, int]) -> FeaturePyramid:
+        return FullResolutionPyramid(feature_maps, size)
+
+
+class PeakMemory:
+    """Peak memory of the process: CUDA allocations on GPU, resident set size (sampled by a thread) on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._sampling = False
+        self._thread: threading.Thread | None = None
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while self._sampling:
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.0005)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = self.current()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._sampling = True
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._sampling = False
+            assert self._thread is not None
+            self._thread.join()
+            self.peak = max(self.peak, self.current())
+
+
+@dataclass
+class Row:
+    image_size: int
+    batch_size: int
+    refine_backbone: str
+    model_ms: float
+    refine_ms: float
+    model_peak_mb: float
+    with_refinement_peak_mb: float
+
+    def cells(self) -> list[str]:
+        return [
+            str(self.image_size),
+            str(self.batch_size),
+            self.refine_backbone,
+            f"{self.model_ms:.1f}",
+            f"{self.refine_ms:.1f}",
+            f"{100 * self.refine_ms / self.model_ms:.0f}%",
+            f"{self.model_peak_mb:.0f}",
+            f"{self.with_refinement_peak_mb / self.model_peak_mb:.2f}x",
+        ]
+
+
+HEADER = ["size", "batch", "refine backbone", "model ms/img", "refine ms/img", "refine/model", "model peak MB",
+          "peak with refinement"]
+
+
+def fit_model(arguments: argparse.Namespace, root: Path, image_size: int, workdir: Path) -> tuple[Patchcore, MVTecAD]:
+    model = Patchcore(
+        backbone=arguments.backbone,
+        layers=arguments.layers,
+        pre_trained=not arguments.random_weights,
+        coreset_sampling_ratio=arguments.coreset_sampling_ratio,
+        pre_processor=Patchcore.configure_pre_processor(image_size=(image_size, image_size)),
+    )
+    datamodule = MVTecAD(
+        root=root,
+        category=arguments.category,
+        train_batch_size=16,
+        eval_batch_size=8,
+        num_workers=0,
+        augmentations=Resize((image_size, image_size), antialias=True),  # some datasets mix image sizes
+        val_split_mode="from_train",
+        val_split_ratio=0.2,
+        seed=0,
+    )
+    if arguments.checkpoint is not None:
+        model = Patchcore.load_from_checkpoint(arguments.checkpoint, map_location="cpu")
+    else:
+        engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, accelerator=arguments.device)
+        engine.fit(model, datamodule=datamodule)
+    datamodule.setup("test")
+    return model, datamodule
+
+
+def attach(model: Patchcore, callback: TestTimeSegmentation) -> SimpleNamespace:
+    """Set the callback up as ``Engine.test`` would; returns a stand-in trainer holding the callback order."""
+    trainer = SimpleNamespace(callbacks=[model.pre_processor, model.post_processor])
+    callback.setup(trainer, model, "test")
+    return trainer
+
+
+def make_callback(arguments: argparse.Namespace, refine_backbone: str) -> TestTimeSegmentation:
+    if refine_backbone == "model":
+        return TestTimeSegmentation(backbone="model")
+    layers = arguments.layers if refine_backbone == arguments.backbone else None
+    return TestTimeSegmentation(backbone=refine_backbone, layers=layers, pre_trained=not arguments.random_weights)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_step(model: Patchcore, trainer: SimpleNamespace, batch, index: int):
+    """What ``Engine.test`` runs for a batch: pre-processing, the test step and the hooks up to the refinement."""
+    model.pre_processor.on_test_batch_start(trainer, model, batch, index)
+    outputs = model.test_step(batch, index)
+    for callback in trainer.callbacks[1:-1]:
+        callback.on_test_batch_end(trainer, model, outputs, batch, index)
+    return outputs
+
+
+def run_batches(model: Patchcore, trainer: SimpleNamespace, loader, device: torch.device, num_batches: int):
+    """Yield ``(model_seconds, refine_seconds, images)`` per batch; the first batch warms up and is skipped."""
+    refinement = trainer.callbacks[-1]
+    for index, batch in enumerate(loader):
+        if index > num_batches:
+            return
+        batch = move_data_to_device(batch, device)
+        with torch.inference_mode():
+            synchronize(device)
+            start = time.perf_counter()
+            outputs = model_step(model, trainer, batch, index)
+            synchronize(device)
+            middle = time.perf_counter()
+            refinement.on_test_batch_end(trainer, model, outputs, batch, index)
+            synchronize(device)
+            end = time.perf_counter()
+        if index > 0:
+            yield middle - start, end - middle, outputs.image.shape[0]
+
+
+def measure(
+    arguments: argparse.Namespace, model: Patchcore, datamodule: MVTecAD, image_size: int, batch_size: int,
+    refine_backbone: str, device: torch.device,
+) -> Row:
+    callback = make_callback(arguments, refine_backbone)
+    trainer = attach(model, callback)
+    datamodule.eval_batch_size = batch_size
+    num_batches = max(1, arguments.images // batch_size)
+    gc.collect()
+    # the model alone first: memory the allocator keeps from it serves the refinement too, as it would in a run
+    model_only, with_refinement = PeakMemory(device), PeakMemory(device)
+    callback.stages = ()
+    with model_only:
+        for _ in run_batches(model, trainer, datamodule.test_dataloader(), device, num_batches):
+            pass
+    callback.stages = ("test",)
+    model_seconds = refine_seconds = 0.0
+    images = 0
+    with with_refinement:
+        for step_seconds, refinement_seconds, batch_images in run_batches(
+            model, trainer, datamodule.test_dataloader(), device, num_batches
+        ):
+            model_seconds += step_seconds
+            refine_seconds += refinement_seconds
+            images += batch_images
+    return Row(
+        image_size,
+        batch_size,
+        refine_backbone,
+        1000 * model_seconds / max(images, 1),
+        1000 * refine_seconds / max(images, 1),
+        model_only.peak / 2**20,
+        with_refinement.peak / 2**20,
+    )
+
+
+class FixedFeatures:
+    """Hands both refiners the very same feature maps."""
+
+    def __init__(self) -> None:
+        self.maps: list[Tensor] = []
+
+    def __call__(self, images: Tensor) -> list[Tensor]:
+        return self.maps
+
+
+def check_masks(model: Patchcore, datamodule: MVTecAD, device: torch.device) -> None:
+    """Refine every test image with the default and the full-resolution layout; print how the masks differ."""
+    defaults = TestTimeSegmentation(backbone="model").refiner
+    features = FixedFeatures()
+    refiners = [
+        kind(defaults.labeler, features, defaults.classifier, defaults.max_positives, defaults.max_negatives)
+        for kind in (TestTimeRefiner, UnoptimizedRefiner)
+    ]
+    trainer = SimpleNamespace(callbacks=[model.pre_processor, model.post_processor, None])
+    datamodule.eval_batch_size = 8
+    masks: list[list[Tensor]] = [[], []]
+    truth = []
+    for index, batch in enumerate(datamodule.test_dataloader()):
+        batch = move_data_to_device(batch, device)
+        with torch.inference_mode():
+            model.pre_processor.on_test_batch_start(trainer, model, batch, index)
+            outputs = model.test_step(batch, index)
+            raw = outputs.anomaly_map.clone()
+            maps = unclipped_scores(raw.reshape(raw.shape[0], *raw.shape[-2:]), model.post_processor)
+            model.post_processor.on_test_batch_end(trainer, model, outputs, batch, index)
+            features.maps = list(model.model.feature_extractor(outputs.image).values())
+            seeds = path_seeds(outputs.image_path, device)
+            for refiner, kept in zip(refiners, masks, strict=True):
+                kept.append(refiner(outputs.image, maps, outputs.pred_mask, 0.5, seeds).masks.cpu())
+        truth.append(outputs.gt_mask.cpu())
+    first, second, gt = (torch.cat(kept).flatten(1) for kept in (*masks, truth))
+    print(
+        f"masks over {first.shape[0]} test images: {int((first != second).any(dim=1).sum())} images differ, "
+        f"{float((first != second).float().mean()):.2e} of pixels; pooled F1 {float(f1_score(first.flatten(), gt.flatten())):.4f}"
+        f" (optimized) vs {float(f1_score(second.flatten(), gt.flatten())):.4f} (full resolution)",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset-root", type=Path, help="folder holding <category>/ (MVTec AD layout)")
+    parser.add_argument("--category", default="metal_plate")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4"])
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--checkpoint", type=Path, help="a fitted PatchCore (one image size) instead of fitting")
+    parser.add_argument("--coreset-sampling-ratio", type=float, default=0.02)
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--refine-backbones", nargs="+", default=["model", "tf_efficientnet_lite0"])
+    parser.add_argument("--images", type=int, default=32, help="timed images per configuration (after warm-up)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--check-masks", action="store_true", help="compare with the full-resolution path")
+    arguments = parser.parse_args()
+    device = torch.device("cuda" if arguments.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+    with tempfile.TemporaryDirectory() as workdir:
+        root = arguments.dataset_root
+        if root is None:
+            from anomalib_tts.data import make_mvtec_dataset
+
+            root = Path(workdir) / "data"
+            make_mvtec_dataset(root, category=arguments.category, n_train=40, n_test_good=16, n_test_defect=48)
+        rows = []
+        for image_size in arguments.image_sizes:
+            model, datamodule = fit_model(arguments, root, image_size, Path(workdir) / f"fit{image_size}")
+            model = model.to(device).eval()
+            if arguments.check_masks and image_size == arguments.image_sizes[0]:
+                check_masks(model, datamodule, device)
+            for batch_size in arguments.batch_sizes:
+                for refine_backbone in arguments.refine_backbones:
+                    rows.append(measure(arguments, model, datamodule, image_size, batch_size, refine_backbone, device))
+                    print(" | ".join(rows[-1].cells()), flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{arguments.backbone} PatchCore on {arguments.category}, {name}\n")
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for row in rows:
+        print("| " + " | ".join(row.cells()) + " |")
+
+
+if __name__ == "__main__":
+    main()
