@@ -95,11 +95,13 @@ def _weighted_gram(matrices: Tensor, sample_weights: Tensor) -> Tensor:
     active = sample_weights > 0
     order = torch.sort(~active, dim=1, stable=True).indices
     needed = int(active.sum(dim=1).max()) if _scalar_reads_are_free(active) else active.shape[1]
-    dim = matrices.shape[2]
-    gram = matrices.new_zeros(matrices.shape[0], dim, dim)
+    batch_size, num_samples, dim = matrices.shape
+    all_rows = matrices.reshape(-1, dim)
+    row_offsets = torch.arange(batch_size, device=matrices.device)[:, None] * num_samples
+    gram = matrices.new_zeros(batch_size, dim, dim)
     for start in range(0, needed, GRAM_CHUNK):
         index = order[:, start : start + GRAM_CHUNK]
-        rows = matrices.gather(1, index[:, :, None].expand(-1, -1, dim))
+        rows = all_rows.index_select(0, (index + row_offsets).flatten()).reshape(batch_size, -1, dim)
         weights = torch.where(active.gather(1, index), sample_weights.gather(1, index), 0.0)
         gram = gram + torch.bmm(rows.transpose(1, 2) * weights[:, None, :], rows)
     return gram
