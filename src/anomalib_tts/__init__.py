@@ -3,6 +3,7 @@
 from anomalib_tts.callback import TestTimeSegmentation
 from anomalib_tts.classifiers import CLASSIFIERS, LinearSVM, LogisticRegression
 from anomalib_tts.features import FEATURES, FeaturePyramid, ModelFeatures, TimmFeatures
+from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures
 from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PercentilePeaks, PseudoLabels, RobustNominal
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
 from anomalib_tts.writer import MaskWriter
@@ -12,6 +13,7 @@ __all__ = [
     "FEATURES",
     "LABELERS",
     "FeaturePyramid",
+    "GeometryFeatures",
     "LinearSVM",
     "LogisticRegression",
     "MaskWriter",
@@ -21,6 +23,7 @@ __all__ = [
     "PercentilePeaks",
     "PseudoLabels",
     "Refinement",
+    "RgbdFeatures",
     "RobustNominal",
     "TestTimeRefiner",
     "TestTimeSegmentation",
