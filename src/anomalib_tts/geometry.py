@@ -6,8 +6,8 @@ dents are often invisible in colour but plain in this geometry, so :class:`Geome
 features the per-image classifier can use, and :class:`RgbdFeatures` puts them next to the RGB backbone's.
 
 Every step is batched torch on the batch's device: missing points are filled from the nearest coarser level of
-a masked image pyramid (so they neither crash nor bias anything), the cloud is centred and scaled per image (so
-metres and millimetres give the same features), and each scale is a box filter of a given radius.
+a masked image pyramid (no holes, no crash), the cloud is centred and scaled per image (so metres and
+millimetres give the same features), and each scale is a box filter of a given radius.
 """
 
 import logging
