@@ -25,12 +25,29 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pseudo-labels", help="pseudo-label recipe (default: the callback's default)")
 
 
+def _compare_parser(subparsers: argparse._SubParsersAction) -> None:
+    subparsers.add_parser(
+        "compare",
+        help="score anomalib's thresholds and test-time refinement on the same maps (YAML config: --config)",
+        description="Options of python -m anomalib_tts.compare; `anomalib-tts compare --help` lists them.",
+        add_help=False,  # its options, --help included, are parsed by anomalib_tts.compare
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``anomalib-tts`` command."""
     parser = argparse.ArgumentParser(prog="anomalib-tts", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _demo_parser(subparsers)
-    arguments = parser.parse_args(argv)
+    _compare_parser(subparsers)
+    arguments, rest = parser.parse_known_args(argv)
+    if arguments.command == "compare":
+        from anomalib_tts.compare import main as compare
+
+        compare(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if arguments.command == "demo":
         from anomalib_tts.demo import DemoConfig, run_demo
 

@@ -108,7 +108,8 @@ def segmentation_scores(pred_masks: Tensor, gt_masks: Tensor, pred_labels: Tenso
     Returns:
         ``pixel_f1_all`` (pooled over all images: anomalib's ``pixel_F1Score``), ``pixel_f1_defective`` (pooled
         over defective images), ``mean_f1_defective`` and ``mean_iou_defective`` (per image, averaged over
-        defective images) and ``image_f1``.
+        defective images), ``image_f1`` (of ``pred_labels``) and ``image_f1_mask`` (an image counts as
+        predicted defective when its mask is not empty).
     """
     defective = gt_masks.flatten(1).any(dim=1)
     return {
@@ -117,19 +118,49 @@ def segmentation_scores(pred_masks: Tensor, gt_masks: Tensor, pred_labels: Tenso
         "mean_f1_defective": float(f1_score(pred_masks[defective], gt_masks[defective]).mean()),
         "mean_iou_defective": float(iou_score(pred_masks[defective], gt_masks[defective]).mean()),
         "image_f1": float(f1_score(pred_labels, gt_labels)),
+        "image_f1_mask": float(f1_score(pred_masks.flatten(1).any(dim=1), gt_labels)),
     }
 
 
-class NominalPixelStats(Callback):
-    """Mean and standard deviation of the raw pixel scores of the validation images (nominal only).
+def oracle_threshold(scores: Tensor, truth: Tensor) -> float:
+    """The threshold ``t`` whose masks ``scores > t`` have the best F1 pooled over all pixels of ``truth``.
 
-    Run ``engine.validate`` with it to get the "mean + k std" threshold baseline.
+    The ceiling of any single global threshold on these images (it looks at their ground truth). Ties are cut
+    only between distinct scores; ``inf`` (predict nothing) when ``truth`` is empty, ``-inf`` when predicting
+    every pixel is best.
+
+    Example:
+        >>> scores = torch.tensor([0.9, 0.8, 0.7, 0.2])
+        >>> round(oracle_threshold(scores, torch.tensor([True, True, False, False])), 4)  # the top two
+        0.7
+        >>> oracle_threshold(scores, torch.tensor([True, True, False, True]))  # all four: F1 6/7 > 4/5 (top two)
+        -inf
+    """
+    values, order = torch.sort(scores.flatten().float(), descending=True)
+    hits = truth.flatten()[order].cumsum(dim=0, dtype=torch.int64)
+    del order
+    positives = int(hits[-1]) if hits.numel() else 0
+    if positives == 0:
+        return float("inf")
+    predicted = torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    f1 = 2 * hits.double() / (predicted + positives)
+    cut = torch.ones_like(values, dtype=torch.bool)
+    cut[:-1] = values[:-1] != values[1:]
+    best = int(torch.argmax(torch.where(cut, f1, -1.0)))
+    return float(values[best + 1]) if best + 1 < values.numel() else float("-inf")
+
+
+class NominalPixelStats(Callback):
+    """Mean, standard deviation and maximum of the raw pixel scores of the validation images (nominal only).
+
+    Run ``engine.validate`` with it to get the "mean + k std" and "max of nominal" threshold baselines.
     """
 
     def __init__(self) -> None:
         self.total = 0.0
         self.total_squares = 0.0
         self.count = 0
+        self.maximum = float("-inf")
 
     @override
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
@@ -137,6 +168,7 @@ class NominalPixelStats(Callback):
         self.total += float(maps.sum())
         self.total_squares += float((maps**2).sum())
         self.count += maps.numel()
+        self.maximum = max(self.maximum, float(maps.max()))
 
     @property
     def mean(self) -> float:
