@@ -122,14 +122,14 @@ def test_predict_on_a_folder_writes_the_refined_masks_it_returns(
     assert any(differs)
 
 
-def _benchmark_config(synthetic_root: Path, path: Path) -> Path:
-    """configs/benchmark/benchmark.yaml, made offline and small: one PaDiM with random weights, the generated data."""
+def _benchmark_config(root: Path, path: Path) -> Path:
+    """configs/benchmark/benchmark.yaml, made offline and small: one PaDiM with random weights, generated data."""
     config = yaml.safe_load((CONFIGS / "benchmark" / "benchmark.yaml").read_text())
     config["benchmark"]["model"] = {
         "class_path": "Padim",
         "init_args": {"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"], "pre_trained": False},
     }
-    config["benchmark"]["data"]["init_args"].update(root=str(synthetic_root), category="texture", num_workers=0)
+    config["benchmark"]["data"]["init_args"].update(root=str(root), category="texture", num_workers=0)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -144,10 +144,11 @@ def _benchmark(config: Path, cwd: Path, **environment: str) -> dict[str, str]:
     return row
 
 
-def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(
-    synthetic_root: Path, tmp_path: Path
-) -> None:
-    config = _benchmark_config(synthetic_root, tmp_path / "benchmark.yaml")
+def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(tmp_path: Path) -> None:
+    from anomalib_tts.data import make_mvtec_dataset
+
+    make_mvtec_dataset(tmp_path / "data", category="texture", n_train=10, n_test_good=2, n_test_defect=5, image_size=64)
+    config = _benchmark_config(tmp_path / "data", tmp_path / "benchmark.yaml")  # two fits: half the shared dataset
     # The benchmark builds its model before seeding (PaDiM draws its feature subset with Python's random), so
     # both runs seed every generator at interpreter start to fit the same model.
     seeded = tmp_path / "seeded"
