@@ -124,7 +124,7 @@ class _LinearClassifier:
 
     def __init__(
         self,
-        l2: float = 1e-3,
+        l2: float = 1.0,
         solver: Literal["auto", "newton", "gradient"] = "auto",
         max_iter: int | None = None,
         power_iter: int = 20,
@@ -254,7 +254,8 @@ class LinearSVM(_LinearClassifier):
     """Linear SVM with squared hinge loss and L2 penalty (the paper's classifier).
 
     Args:
-        l2: L2 penalty on the weights (not the bias), > 0.
+        l2: L2 penalty on the weights (not the bias), > 0; against class weights that sum to 1 (the default,
+            1.0, scored best among 1e-3 to 10 on both real datasets of the README).
         solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
         max_iter: Most Newton steps (default 10) or gradient steps (default 200).
         power_iter: Power-iteration steps for the gradient solver's step size.
@@ -284,7 +285,8 @@ class LogisticRegression(_LinearClassifier):
     """L2-regularized logistic regression.
 
     Args:
-        l2: L2 penalty on the weights (not the bias), > 0.
+        l2: L2 penalty on the weights (not the bias), > 0; against class weights that sum to 1 (the default,
+            1.0, scored best among 1e-3 to 10 on both real datasets of the README).
         solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
         max_iter: Most Newton steps (default 10) or gradient steps (default 200).
         power_iter: Power-iteration steps for the gradient solver's step size.
