@@ -459,8 +459,9 @@ def test_two_process_ddp_refines_each_image_once_with_the_single_process_results
         assert ranks[0]["refined"] + ranks[1]["refined"] == single["refined"]
         ddp_masks = dict(zip(ddp_paths, torch.cat((ranks[0]["masks"], ranks[1]["masks"])), strict=True))
         for path, mask in zip(single["paths"], single["masks"], strict=True):
-            assert (ddp_masks[path] == mask).float().mean() > 0.97, path
+            assert (ddp_masks[path] == mask).float().mean() > 0.999, path
     single_metrics = torch.load(tmp_path / "single" / "test_rank0.pt", weights_only=False)["metrics"]
     ddp_metrics = torch.load(tmp_path / "ddp" / "test_rank0.pt", weights_only=False)["metrics"]
-    for name, tolerance in (("image_AUROC", 1e-6), ("tts_images_refined", 0), ("pixel_F1Score", 0.01)):
+    tolerances = {"image_AUROC": 1e-6, "tts_images_refined": 0, "tts_mean_positives": 0.5, "pixel_F1Score": 1e-3}
+    for name, tolerance in tolerances.items():
         assert ddp_metrics[name] == pytest.approx(single_metrics[name], abs=tolerance), name

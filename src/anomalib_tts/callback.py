@@ -35,6 +35,22 @@ class RefinementStats:
     positives: int = 0
     negatives: int = 0
 
+    def summed_over_processes(self, trainer: Trainer, device: torch.device) -> "RefinementStats":
+        """The counters of all processes of a distributed run added up (this one alone otherwise)."""
+        names = list(self.outcomes)
+        counts = [self.images, self.positives, self.negatives, *self.outcomes.values()]
+        totals = trainer.strategy.reduce(
+            torch.tensor([*counts, self.seconds], dtype=torch.float64, device=device), reduce_op="sum"
+        ).tolist()
+        images, positives, negatives, *outcomes, seconds = totals
+        return RefinementStats(
+            images=int(images),
+            seconds=seconds,
+            outcomes={name: int(count) for name, count in zip(names, outcomes, strict=True)},
+            positives=int(positives),
+            negatives=int(negatives),
+        )
+
     def update(self, result: Refinement, seconds: float) -> None:
         """Add one batch."""
         counts = torch.bincount(result.outcome, minlength=len(Outcome)).tolist()
@@ -268,8 +284,9 @@ class TestTimeSegmentation(Callback):
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for name, value in self.stats.as_metrics().items():
-            pl_module.log(name, value, sync_dist=True, reduce_fx="sum" if "images" in name else "mean")
+        # summed before the ratios are taken, so a distributed run logs what a single process would
+        for name, value in self.stats.summed_over_processes(trainer, pl_module.device).as_metrics().items():
+            pl_module.log(name, value)
         self._log_summary()
 
     @override
