@@ -57,6 +57,9 @@ def masked_quantile(values: Tensor, valid: Tensor, quantile: float) -> Tensor:
     mask = valid.flatten(1)
     size = flat.shape[1]
     count = mask.sum(dim=1)
+    if quantile == 1.0:  # the maximum needs no selection
+        result = torch.where(mask, flat, torch.full_like(flat, float("-inf"))).amax(dim=1)
+        return torch.where(count > 0, result, torch.full_like(result, float("nan")))
     rank = int((size - 1) * quantile)
     valid_rank = ((count - 1).clamp(min=0).double() * quantile).floor().to(torch.int64)
     invalid_order = (~mask).cumsum(dim=1)
