@@ -26,6 +26,15 @@ from torch import Tensor
 from anomalib_tts.features import FeaturePyramid
 from anomalib_tts.registry import Registry
 
+GRAM_CHUNK = 256
+NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+NEWTON_TOLERANCE = 1e-9  # Newton decrement below which an image's model no longer moves
+BIAS_JITTER = 1e-6  # keeps the Hessian definite when no sample is active (the bias is not regularized)
+SOLVERS = ("auto", "newton", "gradient")
+NEWTON_MAX_CHANNELS = 512
+NEWTON_STEPS = 10
+GRADIENT_STEPS = 200
+
 
 @dataclass
 class LinearDecision:
@@ -105,16 +114,6 @@ def _weighted_gram(matrices: Tensor, sample_weights: Tensor) -> Tensor:
         weights = torch.where(active.gather(1, index), sample_weights.gather(1, index), 0.0)
         gram = gram + torch.bmm(rows.transpose(1, 2) * weights[:, None, :], rows)
     return gram
-
-
-GRAM_CHUNK = 256
-NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
-NEWTON_TOLERANCE = 1e-9  # Newton decrement below which an image's model no longer moves
-BIAS_JITTER = 1e-6  # keeps the Hessian definite when no sample is active (the bias is not regularized)
-SOLVERS = ("auto", "newton", "gradient")
-NEWTON_MAX_CHANNELS = 512
-NEWTON_STEPS = 10
-GRADIENT_STEPS = 200
 
 
 class _LinearClassifier:
@@ -254,8 +253,8 @@ class LinearSVM(_LinearClassifier):
     """Linear SVM with squared hinge loss and L2 penalty (the paper's classifier).
 
     Args:
-        l2: L2 penalty on the weights (not the bias), > 0; against class weights that sum to 1 (the default,
-            1.0, scored best among 1e-3 to 10 on both real datasets of the README).
+        l2: L2 penalty on the weights (not the bias), > 0, against class weights that sum to 1 (the default,
+            1.0, was chosen on both real datasets of the README).
         solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
         max_iter: Most Newton steps (default 10) or gradient steps (default 200).
         power_iter: Power-iteration steps for the gradient solver's step size.
@@ -285,8 +284,8 @@ class LogisticRegression(_LinearClassifier):
     """L2-regularized logistic regression.
 
     Args:
-        l2: L2 penalty on the weights (not the bias), > 0; against class weights that sum to 1 (the default,
-            1.0, scored best among 1e-3 to 10 on both real datasets of the README).
+        l2: L2 penalty on the weights (not the bias), > 0, against class weights that sum to 1 (the same
+            default as :class:`LinearSVM`).
         solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
         max_iter: Most Newton steps (default 10) or gradient steps (default 200).
         power_iter: Power-iteration steps for the gradient solver's step size.
