@@ -43,9 +43,9 @@ from torch import Tensor
 from torchvision.transforms.v2 import Resize
 
 from anomalib_tts import TestTimeRefiner, TestTimeSegmentation
-from anomalib_tts.callback import unclipped_scores
+from anomalib_tts.callback import RawMapKeeper, unclipped_scores
 from anomalib_tts.evaluation import f1_score
-from anomalib_tts.features import FeaturePyramid
+from anomalib_tts.features import FeaturePyramid, ModelFeatures
 from anomalib_tts.sampling import path_seeds
 
 
@@ -147,13 +147,6 @@ HEADER = ["size", "batch", "refine backbone", "model ms/img", "refine ms/img", "
 
 
 def fit_model(arguments: argparse.Namespace, root: Path, image_size: int, workdir: Path) -> tuple[Patchcore, MVTecAD]:
-    model = Patchcore(
-        backbone=arguments.backbone,
-        layers=arguments.layers,
-        pre_trained=not arguments.random_weights,
-        coreset_sampling_ratio=arguments.coreset_sampling_ratio,
-        pre_processor=Patchcore.configure_pre_processor(image_size=(image_size, image_size)),
-    )
     datamodule = MVTecAD(
         root=root,
         category=arguments.category,
@@ -168,6 +161,13 @@ def fit_model(arguments: argparse.Namespace, root: Path, image_size: int, workdi
     if arguments.checkpoint is not None:
         model = Patchcore.load_from_checkpoint(arguments.checkpoint, map_location="cpu")
     else:
+        model = Patchcore(
+            backbone=arguments.backbone,
+            layers=arguments.layers,
+            pre_trained=not arguments.random_weights,
+            coreset_sampling_ratio=arguments.coreset_sampling_ratio,
+            pre_processor=Patchcore.configure_pre_processor(image_size=(image_size, image_size)),
+        )
         engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, accelerator=arguments.device)
         engine.fit(model, datamodule=datamodule)
     datamodule.setup("test")
@@ -271,33 +271,36 @@ class FixedFeatures:
 def check_masks(model: Patchcore, datamodule: MVTecAD, device: torch.device) -> None:
     """Refine every test image with the default and the full-resolution layout; print how the masks differ."""
     defaults = TestTimeSegmentation(backbone="model").refiner
+    model_features = ModelFeatures()
+    model_features.setup(model)
     features = FixedFeatures()
     refiners = [
         kind(defaults.labeler, features, defaults.classifier, defaults.max_positives, defaults.max_negatives)
         for kind in (TestTimeRefiner, UnoptimizedRefiner)
     ]
-    trainer = SimpleNamespace(callbacks=[model.pre_processor, model.post_processor, None])
+    raw_maps = RawMapKeeper()
+    trainer = SimpleNamespace(callbacks=[model.pre_processor, raw_maps, model.post_processor, None])
     datamodule.eval_batch_size = 8
     masks: list[list[Tensor]] = [[], []]
     truth = []
     for index, batch in enumerate(datamodule.test_dataloader()):
         batch = move_data_to_device(batch, device)
         with torch.inference_mode():
-            model.pre_processor.on_test_batch_start(trainer, model, batch, index)
-            outputs = model.test_step(batch, index)
-            raw = outputs.anomaly_map.clone()
+            outputs = model_step(model, trainer, batch, index)
+            raw = raw_maps.raw
             maps = unclipped_scores(raw.reshape(raw.shape[0], *raw.shape[-2:]), model.post_processor)
-            model.post_processor.on_test_batch_end(trainer, model, outputs, batch, index)
-            features.maps = list(model.model.feature_extractor(outputs.image).values())
+            features.maps = model_features(outputs.image)  # the test step's own features, from the hook
             seeds = path_seeds(outputs.image_path, device)
             for refiner, kept in zip(refiners, masks, strict=True):
                 kept.append(refiner(outputs.image, maps, outputs.pred_mask, 0.5, seeds).masks.cpu())
         truth.append(outputs.gt_mask.cpu())
+    model_features.teardown()
     first, second, gt = (torch.cat(kept).flatten(1) for kept in (*masks, truth))
+    optimized_f1, unoptimized_f1 = (float(f1_score(kept.flatten(), gt.flatten())) for kept in (first, second))
     print(
         f"masks over {first.shape[0]} test images: {int((first != second).any(dim=1).sum())} images differ, "
-        f"{float((first != second).float().mean()):.2e} of pixels; pooled F1 {float(f1_score(first.flatten(), gt.flatten())):.4f}"
-        f" (optimized) vs {float(f1_score(second.flatten(), gt.flatten())):.4f} (full resolution)",
+        f"{float((first != second).float().mean()):.2e} of pixels; pooled F1 {optimized_f1:.4f} (optimized) vs "
+        f"{unoptimized_f1:.4f} (full resolution)",
         flush=True,
     )
 
