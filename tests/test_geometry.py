@@ -215,6 +215,7 @@ def test_rgb_cannot_refine_a_geometry_only_defect_and_rgb_plus_geometry_can(groo
 
     assert rgb_only.refined.all() and with_geometry.refined.all()
     threshold_f1, rgb_f1, geometry_f1 = (_f1(m, truth) for m in (thresholded, rgb_only.masks, with_geometry.masks))
+    print(f"mean per-image F1: threshold {threshold_f1:.3f}, RGB {rgb_f1:.3f}, RGB + geometry {geometry_f1:.3f}")
     assert rgb_f1 < threshold_f1 + 0.05  # RGB features cannot see the grooves: no better than the threshold
     assert geometry_f1 > 0.75
     assert geometry_f1 > max(rgb_f1, threshold_f1) + 0.1

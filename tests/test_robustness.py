@@ -462,6 +462,8 @@ def test_two_process_ddp_refines_each_image_once_with_the_single_process_results
             assert (ddp_masks[path] == mask).float().mean() > 0.999, path
     single_metrics = torch.load(tmp_path / "single" / "test_rank0.pt", weights_only=False)["metrics"]
     ddp_metrics = torch.load(tmp_path / "ddp" / "test_rank0.pt", weights_only=False)["metrics"]
+    single_f1, ddp_f1 = single_metrics["pixel_F1Score"], ddp_metrics["pixel_F1Score"]
+    print(f"pixel_F1Score: single process {single_f1:.4f}, DDP {ddp_f1:.4f}")
     tolerances = {"image_AUROC": 1e-6, "tts_images_refined": 0, "tts_mean_positives": 0.5, "pixel_F1Score": 1e-3}
     for name, tolerance in tolerances.items():
         assert ddp_metrics[name] == pytest.approx(single_metrics[name], abs=tolerance), name

@@ -198,7 +198,8 @@ class _LinearClassifier:
         moving = torch.ones(batch_size, dtype=torch.bool, device=augmented.device)
         broken = torch.zeros_like(moving)
         for _ in range(steps):
-            gradient = _row_times(weights * signs * self.loss_derivative(margins), augmented) + self.l2 * penalty * params
+            loss_gradient = _row_times(weights * signs * self.loss_derivative(margins), augmented)
+            gradient = loss_gradient + self.l2 * penalty * params
             hessian = _weighted_gram(augmented, weights * self.loss_curvature(margins)) + regularizer
             factor, info = torch.linalg.cholesky_ex(hessian)
             direction = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
