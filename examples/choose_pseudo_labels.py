@@ -48,9 +48,16 @@ def model_inputs(cache: dict) -> torch.Tensor:
 
 
 def refine_all(
-    cache: dict, maps: torch.Tensor, features: Precomputed, recipe: str, args: dict, batch: int, classifier_args: dict
+    cache: dict,
+    maps: torch.Tensor,
+    features: Precomputed,
+    recipe: str,
+    args: dict,
+    batch: int,
+    classifier: str,
+    classifier_args: dict,
 ) -> tuple:
-    refiner = TestTimeRefiner(LABELERS.get(recipe)(**args), features, CLASSIFIERS.get("svm")(**classifier_args))
+    refiner = TestTimeRefiner(LABELERS.get(recipe)(**args), features, CLASSIFIERS.get(classifier)(**classifier_args))
     masks, outcomes = [], []
     seeds = path_seeds(cache["image_path"])
     start = time.perf_counter()
@@ -78,7 +85,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--with-image", action="store_true", help="add the image's own pixels as a feature level")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="names above, or name:JSON-arguments")
-    parser.add_argument("--svm-args", type=json.loads, default={}, help='linear SVM arguments, e.g. \'{"l2": 0.1}\'')
+    parser.add_argument("--classifier", default="logistic", help="classifier name (logistic, svm)")
+    parser.add_argument(
+        "--classifier-args", type=json.loads, default={}, help='classifier arguments, e.g. \'{"l2": 0.1}\''
+    )
     arguments = parser.parse_args()
     cache = torch.load(arguments.cache, weights_only=False)
     config = cache["config"]
@@ -99,7 +109,9 @@ def main() -> None:
     report("threshold mean+3std", maps > sigma3, cache)
     for name in arguments.recipes:
         recipe, args = RECIPES[name] if name in RECIPES else (name.split(":")[0], json.loads(name.partition(":")[2] or "{}"))
-        masks, outcomes, seconds = refine_all(cache, maps, features, recipe, args, arguments.batch_size, arguments.svm_args)
+        masks, outcomes, seconds = refine_all(
+            cache, maps, features, recipe, args, arguments.batch_size, arguments.classifier, arguments.classifier_args
+        )
         refined = int((outcomes == 0).sum())
         report(name, masks, cache, f"refined {refined}/{len(outcomes)}  {1000 * seconds:.1f} ms/img")
 

@@ -131,3 +131,21 @@ def test_relative_leaves_a_defect_free_map_unlabeled() -> None:
     labels = LABELERS.get("relative")()(maps, nominal_threshold=0.5)
     assert not labels.positive.any()
     assert not labels.negative.any()
+
+
+def test_relative_refines_a_diffuse_defect_above_the_nominal_threshold() -> None:
+    """A map that rises smoothly to 0.8 has no peak standing out from its spread, but its top is above every
+    nominal validation pixel (0.5), so it is labeled; with that shortcut disabled it is left alone."""
+    maps = torch.linspace(0.0, 0.8, 64)[None, None, :].expand(1, 64, 64).contiguous()
+    labels = LABELERS.get("relative")()(maps, nominal_threshold=0.5)
+    assert labels.positive.any()
+    assert (maps[labels.positive] > 0.6).all()  # median + half the spread
+    assert (maps[labels.negative] < 0.5).all()  # median 0.4 + a quarter of the 0.4 spread
+    strict = LABELERS.get("relative")(sure_margin=1.0)(maps, nominal_threshold=0.5)
+    assert not strict.positive.any()
+    assert not strict.negative.any()
+
+
+def test_relative_sure_margin_may_not_sit_below_the_floor() -> None:
+    with pytest.raises(ValueError, match="sure_margin"):
+        LABELERS.get("relative")(floor_margin=-0.2, sure_margin=-0.3)

@@ -133,7 +133,8 @@ class TestTimeSegmentation(Callback):
         layers: Backbone layers; ``None`` picks the usual ones for known backbones.
         pre_trained: Load pretrained backbone weights (timm / Hugging Face cache).
         weights: Local state dict file for the backbone, for machines without network access.
-        classifier: ``"svm"`` (linear SVM, squared hinge, as in the paper) or ``"logistic"``.
+        classifier: ``"logistic"`` (default: logistic regression, chosen on both real datasets of the README) or
+            ``"svm"`` (linear SVM, squared hinge, the paper's classifier).
         classifier_args: Keyword arguments of the classifier (``l2``, ``solver``, ``max_iter``).
         gate: ``"none"`` refines every image whose map has confident defect pixels; ``"pred_label"`` refines
             only images anomalib labels anomalous.
@@ -170,7 +171,7 @@ class TestTimeSegmentation(Callback):
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
         weights: str | None = None,
-        classifier: str = "svm",
+        classifier: str = "logistic",
         classifier_args: dict[str, Any] | None = None,
         gate: Literal["none", "pred_label"] = "none",
         max_positives: int = 1000,

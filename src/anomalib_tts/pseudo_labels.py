@@ -267,6 +267,8 @@ class PeakRelative:
         floor_margin: Offset of the floor from the nominal threshold (negative: below it).
         min_peak_deviations: Also require the peak to stand this many robust standard deviations
             (``1.4826 * MAD``) above the median; 0 disables the check.
+        sure_margin: A peak above ``nominal_threshold + sure_margin`` skips that check: it is above every
+            nominal validation pixel already (a large defect raises the median and the MAD with it).
 
     Example:
         >>> maps = torch.linspace(0.0, 0.2, 100).reshape(1, 10, 10)
@@ -284,15 +286,18 @@ class PeakRelative:
         negative_fraction: float = 0.25,
         floor_margin: float = -0.35,
         min_peak_deviations: float = 3.5,
+        sure_margin: float = 0.0,
     ) -> None:
         _check_range("positive_fraction", positive_fraction, 0.0, 1.0)
         _check_range("negative_fraction", negative_fraction, 0.0, positive_fraction)
         _check_range("floor_margin", floor_margin, -1.0, 1.0)
         _check_range("min_peak_deviations", min_peak_deviations, 0.0, float("inf"))
+        _check_range("sure_margin", sure_margin, floor_margin, float("inf"))
         self.positive_fraction = positive_fraction
         self.negative_fraction = negative_fraction
         self.floor_margin = floor_margin
         self.min_peak_deviations = min_peak_deviations
+        self.sure_margin = sure_margin
 
     def __call__(self, score_maps: Tensor, nominal_threshold: float) -> PseudoLabels:
         valid = torch.isfinite(score_maps)
@@ -305,6 +310,7 @@ class PeakRelative:
         positive = valid & (score_maps > positive_bar[:, None, None])
         if self.min_peak_deviations > 0:
             deviation = 1.4826 * masked_quantile((score_maps - median[:, None, None]).abs(), valid, 0.5)
-            positive &= (spread > self.min_peak_deviations * deviation)[:, None, None]
+            stands_out = spread > self.min_peak_deviations * deviation
+            positive &= (stands_out | (peak > nominal_threshold + self.sure_margin))[:, None, None]
         negative = valid & (score_maps < negative_bar[:, None, None]) & positive.flatten(1).any(dim=1)[:, None, None]
         return PseudoLabels(positive=positive, negative=negative)
