@@ -5,7 +5,8 @@ Each classifier solves, for every image ``b`` independently but in one batched t
     min_{w, c}  sum_i a_bi * loss(y_bi * (x_bi . w + c)) + l2 / 2 * |w|^2
 
 with class-balanced sample weights ``a`` (each class sums to 1/2). Two solvers, both batched, without
-autograd or randomness (the same input always gives the same model, whatever else is in the batch):
+autograd or randomness (the same input always gives the same model; whatever else is in the batch, the same
+model bit for bit with the SVM, and up to the last float bit of the vectorized sigmoid with logistic regression):
 
 - ``"newton"``: damped Newton steps, each solving the ``C x C`` system of the (generalized)
   Hessian by a batched Cholesky factorization, with a step chosen per image among a few halvings. It reaches
