@@ -71,6 +71,8 @@ def test_model_features_reuse_the_model_pass() -> None:
     model = Model()
     features = ModelFeatures()
     features.setup(model)
+    features.teardown()  # Lightning tears callbacks down after fit, then sets them up again for test
+    features.setup(model)
     images = torch.rand(2, 3, 32, 32)
     expected = model(images)["layer1"]
     calls = []

@@ -316,7 +316,7 @@ class ModelFeatures:
                 "backbone='wide_resnet50_2'"
             )
             raise ValueError(msg)
-        if self._extractor is extractors[0]:
+        if self._extractor is extractors[0] and self._hook is not None:
             return
         self.teardown()
         self._extractor = extractors[0]
@@ -331,6 +331,7 @@ class ModelFeatures:
         if self._hook is not None:
             self._hook.remove()
         self._hook = None
+        self._extractor = None
         self._cached = None
 
     def __call__(self, images: Tensor) -> list[Tensor]:
