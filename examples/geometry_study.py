@@ -25,7 +25,7 @@ from anomalib.models import Patchcore
 from torchvision.transforms.functional import gaussian_blur
 
 from anomalib_tts import TestTimeSegmentation
-from anomalib_tts.classifiers import LinearSVM
+from anomalib_tts.classifiers import LogisticRegression
 from anomalib_tts.data import MVTec3D, make_mvtec3d_dataset
 from anomalib_tts.evaluation import MaskRecorder, f1_score
 from anomalib_tts.features import TimmFeatures
@@ -48,7 +48,7 @@ def simulated(arguments: argparse.Namespace, root: Path) -> dict[str, float]:
     noise = 0.02 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))
     score_maps = 0.45 + 0.4 * blurred / blurred.amax(dim=(1, 2), keepdim=True) + noise
     rgb = TimmFeatures(arguments.backbone, layers=arguments.layers, pre_trained=not arguments.random_weights)
-    refiner = TestTimeRefiner(LABELERS.get("relative")(), RgbdFeatures(rgb), LinearSVM())
+    refiner = TestTimeRefiner(LABELERS.get("relative")(), RgbdFeatures(rgb), LogisticRegression())
     seeds = torch.arange(len(truth))
     rgb_only = refiner(batch.image, score_maps, score_maps > 0.5, 0.5, seeds).masks
     with_geometry = refiner(batch.image, score_maps, score_maps > 0.5, 0.5, seeds, depth_maps=batch.depth_map).masks

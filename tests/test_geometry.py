@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from anomalib_tts import TestTimeSegmentation
-from anomalib_tts.classifiers import LinearSVM
+from anomalib_tts.classifiers import LogisticRegression
 from anomalib_tts.features import FeaturePyramid, TimmFeatures, WeightedMaps
 from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures, fill_missing, geometric_features
 from anomalib_tts.pseudo_labels import LABELERS
@@ -151,7 +151,7 @@ def test_refinement_with_an_all_zero_depth_map_equals_rgb_refinement() -> None:
     maps = 0.3 * torch.rand(2, SIZE, SIZE, generator=generator)
     maps[:, 10:20, 10:20] += 0.6
     images[:, 0, 10:20, 10:20] += 1.0
-    refiner = TestTimeRefiner(LABELERS.get("nominal")(), RgbdFeatures(_identity, expect_depth=True), LinearSVM())
+    refiner = TestTimeRefiner(LABELERS.get("nominal")(), RgbdFeatures(_identity, expect_depth=True), LogisticRegression())
     rgb = refiner(images, maps, maps > 0.5, 0.5, torch.arange(2))
     zero_depth = refiner(images, maps, maps > 0.5, 0.5, torch.arange(2), depth_maps=torch.zeros(2, 3, SIZE, SIZE))
     assert rgb.refined.all()
@@ -208,7 +208,7 @@ def test_rgb_cannot_refine_a_geometry_only_defect_and_rgb_plus_geometry_can(groo
 
     torch.manual_seed(0)  # random backbone weights (no download), the same on every run
     rgb = TimmFeatures("resnet18", pre_trained=False)
-    refiner = TestTimeRefiner(LABELERS.get("relative")(), RgbdFeatures(rgb), LinearSVM())
+    refiner = TestTimeRefiner(LABELERS.get("relative")(), RgbdFeatures(rgb), LogisticRegression())
     seeds = torch.arange(len(images))
     rgb_only = refiner(images, score_maps, thresholded, 0.5, seeds)
     with_geometry = refiner(images, score_maps, thresholded, 0.5, seeds, depth_maps=depth)
