@@ -142,8 +142,16 @@ class Row:
         ]
 
 
-HEADER = ["size", "batch", "refine backbone", "model ms/img", "refine ms/img", "refine/model", "model peak MB",
-          "peak with refinement"]
+HEADER = [
+    "size",
+    "batch",
+    "refine backbone",
+    "model ms/img",
+    "refine ms/img",
+    "refine/model",
+    "model peak MB",
+    "peak with refinement",
+]
 
 
 def fit_model(arguments: argparse.Namespace, root: Path, image_size: int, workdir: Path) -> tuple[Patchcore, MVTecAD]:
@@ -223,8 +231,13 @@ def run_batches(model: Patchcore, trainer: SimpleNamespace, loader, device: torc
 
 
 def measure(
-    arguments: argparse.Namespace, model: Patchcore, datamodule: MVTecAD, image_size: int, batch_size: int,
-    refine_backbone: str, device: torch.device,
+    arguments: argparse.Namespace,
+    model: Patchcore,
+    datamodule: MVTecAD,
+    image_size: int,
+    batch_size: int,
+    refine_backbone: str,
+    device: torch.device,
 ) -> Row:
     callback = make_callback(arguments, refine_backbone)
     trainer = attach(model, callback)

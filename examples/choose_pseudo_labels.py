@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="names above, or name:JSON-arguments")
     parser.add_argument("--classifier", default="logistic", help="classifier name (logistic, svm)")
     parser.add_argument(
-        "--classifier-args", type=json.loads, default={}, help='classifier arguments, e.g. \'{"l2": 0.1}\''
+        "--classifier-args", type=json.loads, default={}, help="classifier arguments, e.g. '{\"l2\": 0.1}'"
     )
     arguments = parser.parse_args()
     cache = torch.load(arguments.cache, weights_only=False)
@@ -108,7 +108,9 @@ def main() -> None:
     report("threshold (anomalib)", cache["pred_mask"], cache)
     report("threshold mean+3std", maps > sigma3, cache)
     for name in arguments.recipes:
-        recipe, args = RECIPES[name] if name in RECIPES else (name.split(":")[0], json.loads(name.partition(":")[2] or "{}"))
+        recipe, args = (
+            RECIPES[name] if name in RECIPES else (name.split(":")[0], json.loads(name.partition(":")[2] or "{}"))
+        )
         masks, outcomes, seconds = refine_all(
             cache, maps, features, recipe, args, arguments.batch_size, arguments.classifier, arguments.classifier_args
         )

@@ -122,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     os.environ.setdefault("HF_HUB_CACHE", str((dataset_root / ".." / "weights" / "hf-hub").resolve()))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import torch
-    from lightning.pytorch import seed_everything
-    from torchvision.transforms.v2 import Resize
-
     import anomalib
+    import torch
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
     from anomalib.models import Patchcore
+    from lightning.pytorch import seed_everything
+    from torchvision.transforms.v2 import Resize
 
     logging.getLogger("anomalib").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -180,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         test_results = engine.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         timings["test_s"] = time.perf_counter() - t0
     else:
-        print(f"[{args.category}] fitting PatchCore ({args.backbone} {args.layers}, coreset {args.coreset_sampling_ratio})")
+        print(
+            f"[{args.category}] fitting PatchCore ({args.backbone} {args.layers}, "
+            f"coreset {args.coreset_sampling_ratio})"
+        )
         t0 = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
         timings["fit_s"] = time.perf_counter() - t0
@@ -205,10 +207,21 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     assert memory_bank_shape[0] > 0, "memory bank is empty -- checkpoint not restored?"
 
     def run(dataloader, keep_images: bool) -> dict:
-        out: dict[str, list] = {k: [] for k in (
-            "image", "anomaly_map_raw", "pred_score_raw", "anomaly_map", "pred_score", "pred_mask", "pred_label",
-            "gt_mask", "gt_label", "image_path",
-        )}
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "image",
+                "anomaly_map_raw",
+                "pred_score_raw",
+                "anomaly_map",
+                "pred_score",
+                "pred_mask",
+                "pred_label",
+                "gt_mask",
+                "gt_label",
+                "image_path",
+            )
+        }
         with torch.no_grad():
             for batch in dataloader:
                 image01 = batch.image  # float [0, 1], already resized by the dataset augmentation
@@ -233,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     test = run(datamodule.test_dataloader(), keep_images=True)
     val = run(datamodule.val_dataloader(), keep_images=False)
     timings["collect_s"] = time.perf_counter() - t0
-    assert test["gt_mask"].shape == test["anomaly_map_raw"].shape, (test["gt_mask"].shape, test["anomaly_map_raw"].shape)
+    assert test["gt_mask"].shape == test["anomaly_map_raw"].shape, (
+        test["gt_mask"].shape,
+        test["anomaly_map_raw"].shape,
+    )
     assert not val["gt_label"].any(), "validation split unexpectedly contains defective images"
 
     vraw = val["anomaly_map_raw"]
@@ -309,9 +325,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         "norm_std": norm_std,
         "image_note": "uint8 image after pre-processor Resize, before ImageNet Normalize; "
         "model input = (image/255 - norm_mean[:,None,None]) / norm_std[:,None,None]",
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "anomalib_version": anomalib.__version__, "torch_version": torch.__version__,
-                   "memory_bank_shape": list(memory_bank_shape), "checkpoint": str(ckpt_path)},
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "anomalib_version": anomalib.__version__,
+            "torch_version": torch.__version__,
+            "memory_bank_shape": list(memory_bank_shape),
+            "checkpoint": str(ckpt_path),
+        },
     }
     torch.save(record, scores_path)
 

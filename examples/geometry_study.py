@@ -74,7 +74,11 @@ def patchcore(arguments: argparse.Namespace, root: Path) -> dict[str, dict[str, 
     datamodule = MVTec3D(root=root, category=CATEGORY, num_workers=0, seed=0)
     Engine(default_root_dir=arguments.out_dir / "fit", logger=False).fit(model, datamodule=datamodule)
     results = {}
-    for name, geometry in (("threshold (anomalib)", None), ("refined, geometry off", "off"), ("refined, geometry on", "on")):
+    for name, geometry in (
+        ("threshold (anomalib)", None),
+        ("refined, geometry off", "off"),
+        ("refined, geometry on", "on"),
+    ):
         recorder = MaskRecorder()
         callbacks = [recorder]
         if geometry is not None:

@@ -15,6 +15,7 @@ def run_python(*arguments: str, cwd: Path, **environment: str) -> str:
         capture_output=True,
         text=True,
         timeout=900,
+        check=False,  # the assertion below shows the output
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-4000:]

@@ -22,7 +22,8 @@ from tests.conftest import make_datamodule, make_padim  # noqa: E402
 
 
 def distributable_padim() -> Any:
-    """The test suite's PaDiM without its ``devices=1`` trainer argument (fitting is single-device, inference is not)."""
+    """The test suite's PaDiM without its ``devices=1`` trainer argument (fitting is single-device, inference
+    is not)."""
     padim = make_padim()
 
     class DistributablePadim(type(padim)):

@@ -38,7 +38,9 @@ def test_unclipped_scores_match_anomalib_normalization_where_it_does_not_clip() 
     post_processor.pixel_max.fill_(30.0)
     post_processor._pixel_threshold.fill_(30.0)
     raw = torch.tensor([[[5.0, 12.0, 25.0, 30.0, 38.0, 60.0]]])
-    clipped = post_processor._normalize(raw, post_processor.pixel_min, post_processor.pixel_max, post_processor.pixel_threshold)
+    clipped = post_processor._normalize(
+        raw, post_processor.pixel_min, post_processor.pixel_max, post_processor.pixel_threshold
+    )
     unclipped = unclipped_scores(raw, post_processor)
     inside = (clipped > 0) & (clipped < 1)
     assert torch.allclose(unclipped[inside], clipped[inside])

@@ -27,7 +27,9 @@ def _with_segmentation_metrics(config: Path, path: Path) -> Path:
     return path
 
 
-def test_anomalib_test_and_predict_run_the_callback(synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path) -> None:
+def test_anomalib_test_and_predict_run_the_callback(
+    synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
+) -> None:
     overrides = [
         "--config", str(_with_segmentation_metrics(CONFIGS / "padim.yaml", tmp_path / "padim.yaml")),
         "--model.init_args.pre_trained", "false",

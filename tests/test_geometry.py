@@ -140,7 +140,7 @@ def test_an_empty_depth_map_in_a_batch_gives_that_image_rgb_features_only(caplog
     with caplog.at_level(logging.WARNING, logger="anomalib_tts.geometry"):
         maps = RgbdFeatures(_identity)(images, depth)
     assert "1 of 2 images" in caplog.text
-    rgb_level, geometry_level = FeaturePyramid(maps).levels
+    _, geometry_level = FeaturePyramid(maps).levels
     assert geometry_level[0].abs().sum() > 0
     assert not geometry_level[1].any()  # after standardization: no signal, the classifier sees RGB only
 
@@ -151,7 +151,9 @@ def test_refinement_with_an_all_zero_depth_map_equals_rgb_refinement() -> None:
     maps = 0.3 * torch.rand(2, SIZE, SIZE, generator=generator)
     maps[:, 10:20, 10:20] += 0.6
     images[:, 0, 10:20, 10:20] += 1.0
-    refiner = TestTimeRefiner(LABELERS.get("nominal")(), RgbdFeatures(_identity, expect_depth=True), LogisticRegression())
+    refiner = TestTimeRefiner(
+        LABELERS.get("nominal")(), RgbdFeatures(_identity, expect_depth=True), LogisticRegression()
+    )
     rgb = refiner(images, maps, maps > 0.5, 0.5, torch.arange(2))
     zero_depth = refiner(images, maps, maps > 0.5, 0.5, torch.arange(2), depth_maps=torch.zeros(2, 3, SIZE, SIZE))
     assert rgb.refined.all()

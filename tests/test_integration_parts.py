@@ -102,8 +102,10 @@ def test_factory_adds_nothing_unless_the_variable_is_set(monkeypatch: pytest.Mon
     "text",
     [
         "backbone: model\nmax_positives: 321\ngate: pred_label\n",
-        "class_path: anomalib_tts.TestTimeSegmentation\n"
-        "init_args:\n  backbone: model\n  max_positives: 321\n  gate: pred_label\n",
+        (
+            "class_path: anomalib_tts.TestTimeSegmentation\n"
+            "init_args:\n  backbone: model\n  max_positives: 321\n  gate: pred_label\n"
+        ),
     ],
     ids=["init_args", "class_path"],
 )

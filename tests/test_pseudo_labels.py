@@ -6,10 +6,14 @@ import torch
 from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PercentilePeaks, RobustNominal, masked_quantile
 
 
-def _map_with_square(size: int = 64, low: float = 0.2, high: float = 0.9, square: slice = slice(10, 40)) -> torch.Tensor:
+def _map_with_square(
+    size: int = 64, low: float = 0.2, high: float = 0.9, square: slice = slice(10, 40)
+) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     maps = low + 0.1 * torch.rand(1, size, size, generator=generator)
-    maps[0, square, square] = high + 0.05 * torch.rand(square.stop - square.start, square.stop - square.start, generator=generator)
+    maps[0, square, square] = high + 0.05 * torch.rand(
+        square.stop - square.start, square.stop - square.start, generator=generator
+    )
     return maps
 
 

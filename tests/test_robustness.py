@@ -138,7 +138,9 @@ def test_maps_without_a_confident_defect_or_normal_keep_their_mask_counted_and_l
     assert f"refined 1 of 2 images (refined: 1, {outcome.name.lower()}: 1)" in caplog.text
 
 
-@pytest.mark.parametrize(("argument", "outcome"), [("min_positives", Outcome.FEW_POSITIVES), ("min_negatives", Outcome.FEW_NEGATIVES)])
+@pytest.mark.parametrize(
+    ("argument", "outcome"), [("min_positives", Outcome.FEW_POSITIVES), ("min_negatives", Outcome.FEW_NEGATIVES)]
+)
 def test_fewer_confident_pixels_than_the_minimum_keep_the_mask(argument: str, outcome: Outcome) -> None:
     images, maps = _scene(2, (32, 32))
     callback = _callback(max_positives=1000, max_negatives=1000, **{argument: 1000})  # more than a 32 x 32 map offers

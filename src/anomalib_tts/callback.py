@@ -94,7 +94,9 @@ class RawMapKeeper(Callback):
         self.raw = getattr(outputs, "anomaly_map", None)
 
     @override
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
+    ) -> None:
         self._keep(outputs)
 
     @override
@@ -243,7 +245,9 @@ class TestTimeSegmentation(Callback):
         from anomalib.metrics import Evaluator
         from anomalib.visualization import Visualizer
 
-        callbacks = [callback for callback in trainer.callbacks if callback is not self and callback is not self._raw_maps]
+        callbacks = [
+            callback for callback in trainer.callbacks if callback is not self and callback is not self._raw_maps
+        ]
         post_processor = getattr(pl_module, "post_processor", None)
         positions = [index for index, callback in enumerate(callbacks) if callback is post_processor]
         if positions:
@@ -264,7 +268,9 @@ class TestTimeSegmentation(Callback):
         self.stats = RefinementStats()
 
     @override
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
+    ) -> None:
         if "test" in self.stages:
             self.refine_batch(outputs)
 

@@ -237,7 +237,9 @@ class _LinearClassifier:
         margins = torch.zeros_like(signs)
         moving = info == 0
         for _ in range(steps):
-            gradient = _row_times(weights * signs * self.loss_derivative(margins), augmented) + self.l2 * penalty * params
+            gradient = (
+                _row_times(weights * signs * self.loss_derivative(margins), augmented) + self.l2 * penalty * params
+            )
             direction = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
             moving = moving & (-(gradient * direction).sum(dim=1) > NEWTON_TOLERANCE)
             direction = torch.where(moving[:, None], direction, torch.zeros_like(direction))

@@ -64,11 +64,15 @@ class MaskRecorder(Callback):
         self.records = Records()
 
     @override
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
+    ) -> None:
         self.record(outputs)
 
     @override
-    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
+    ) -> None:
         self.record(outputs)
 
     def record(self, batch: Any) -> None:
@@ -102,7 +106,9 @@ def iou_score(predicted: Tensor, truth: Tensor) -> Tensor:
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
 
 
-def segmentation_scores(pred_masks: Tensor, gt_masks: Tensor, pred_labels: Tensor, gt_labels: Tensor) -> dict[str, float]:
+def segmentation_scores(
+    pred_masks: Tensor, gt_masks: Tensor, pred_labels: Tensor, gt_labels: Tensor
+) -> dict[str, float]:
     """The numbers the README reports.
 
     Returns:
@@ -163,7 +169,9 @@ class NominalPixelStats(Callback):
         self.maximum = float("-inf")
 
     @override
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any) -> None:
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
+    ) -> None:
         maps = outputs.anomaly_map.double()
         self.total += float(maps.sum())
         self.total_squares += float((maps**2).sum())

@@ -94,7 +94,7 @@ def _central_differences(values: Tensor, step: int) -> tuple[Tensor, Tensor]:
     height, width = values.shape[-2:]
     centre_rows = padded[..., step : step + height, :]
     centre_cols = padded[..., :, step : step + width]
-    along_cols = centre_rows[..., 2 * step :] - centre_rows[..., : width]
+    along_cols = centre_rows[..., 2 * step :] - centre_rows[..., :width]
     along_rows = centre_cols[..., 2 * step :, :] - centre_cols[..., :height, :]
     return along_cols, along_rows
 

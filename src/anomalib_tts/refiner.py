@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from anomalib_tts.classifiers import PixelClassifier
-from anomalib_tts.features import FeaturePyramid, FeatureProvider, flat_to_grid
+from anomalib_tts.features import FeatureProvider, FeaturePyramid, flat_to_grid
 from anomalib_tts.pseudo_labels import PseudoLabeler
 from anomalib_tts.sampling import sample_pixels
 
