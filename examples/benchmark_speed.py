@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import tempfile
 import threading
@@ -191,9 +192,14 @@ def attach(model: Patchcore, callback: TestTimeSegmentation) -> SimpleNamespace:
 
 def make_callback(arguments: argparse.Namespace, refine_backbone: str) -> TestTimeSegmentation:
     if refine_backbone == "model":
-        return TestTimeSegmentation(backbone="model")
+        return TestTimeSegmentation(backbone="model", classifier_args=arguments.classifier_args)
     layers = arguments.layers if refine_backbone == arguments.backbone else None
-    return TestTimeSegmentation(backbone=refine_backbone, layers=layers, pre_trained=not arguments.random_weights)
+    return TestTimeSegmentation(
+        backbone=refine_backbone,
+        layers=layers,
+        pre_trained=not arguments.random_weights,
+        classifier_args=arguments.classifier_args,
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -333,6 +339,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="timed images per configuration (after warm-up)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--check-masks", action="store_true", help="compare with the full-resolution path")
+    parser.add_argument(
+        "--classifier-args",
+        type=json.loads,
+        default=None,
+        help="the callback's classifier_args, e.g. '{\"projection\": 256}'",
+    )
     arguments = parser.parse_args()
     device = torch.device("cuda" if arguments.device != "cpu" and torch.cuda.is_available() else "cpu")
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from anomalib_tts.classifiers import CLASSIFIERS, LinearSVM, LogisticRegression, balanced_weights
+from anomalib_tts.classifiers import CLASSIFIERS, LinearSVM, LogisticRegression, balanced_weights, random_projection
 
 
 def _problems(batch: int = 3, samples: int = 200, channels: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,3 +162,31 @@ def test_auto_solver_picks_a_newton_variant_for_narrow_features_only(
     auto = classifier().fit(features, labels, valid)
     chosen = classifier(solver=expected).fit(features, labels, valid)
     assert torch.equal(auto.weight, chosen.weight)
+
+
+@pytest.mark.parametrize("classifier", [LinearSVM, LogisticRegression])
+def test_projection_fits_wide_features_in_a_fixed_subspace(classifier: type) -> None:
+    features, labels = _problems(batch=2, samples=400, channels=64)
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    projected = classifier(projection=16).fit(features, labels, valid)
+    assert projected.weight.shape == (2, 64)  # mapped back to the original channels
+    matrix = random_projection(64, 16, torch.device("cpu"))
+    in_subspace = classifier().fit(features @ matrix, labels, valid)
+    assert torch.allclose(projected.weight, in_subspace.weight @ matrix.T, atol=1e-5)
+    assert torch.allclose(projected.bias, in_subspace.bias, atol=1e-5)
+    accuracy = ((projected.scores(features) > 0) == (labels > 0)).float().mean()
+    assert accuracy > 0.65  # a quarter of the channels keeps much of each image's separating direction
+    assert torch.equal(projected.weight, classifier(projection=16).fit(features, labels, valid).weight)
+
+
+def test_projection_wider_than_the_features_changes_nothing() -> None:
+    features, labels = _problems(batch=2, samples=200, channels=8)
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    plain = LogisticRegression().fit(features, labels, valid)
+    wide = LogisticRegression(projection=8).fit(features, labels, valid)
+    assert torch.equal(plain.weight, wide.weight)
+
+
+def test_invalid_projection_is_rejected() -> None:
+    with pytest.raises(ValueError, match="projection"):
+        LogisticRegression(projection=0)

@@ -21,8 +21,13 @@ model bit for bit with the SVM, and up to the last float bit of the vectorized s
   from a batched power iteration); ``N * C`` per step, for wide features (thousands of channels).
 - ``"auto"`` (default): the classifier's own choice (``newton`` for the SVM, ``bound`` for logistic
   regression) up to ``NEWTON_MAX_CHANNELS`` channels, gradient descent above.
+
+Wide features (e.g. WideResNet-50's 1536 channels) can instead be multiplied by a fixed random Gaussian matrix
+down to ``projection`` channels before the fit (Johnson-Lindenstrauss), and the model mapped back; the model is
+then the optimum over that subspace only.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -39,6 +44,7 @@ BIAS_JITTER = 1e-6  # keeps the Hessian definite when no sample is active (the b
 SOLVERS = ("auto", "newton", "bound", "gradient")
 NEWTON_MAX_CHANNELS = 512
 DEFAULT_STEPS = {"newton": 10, "bound": 50, "gradient": 200}
+PROJECTION_SEED = 0
 
 
 @dataclass
@@ -95,6 +101,16 @@ def _row_times(vectors: Tensor, matrices: Tensor) -> Tensor:
     return torch.bmm(vectors[:, None, :], matrices)[:, 0]
 
 
+@functools.cache
+def random_projection(channels: int, dim: int, device: torch.device) -> Tensor:
+    """``(channels, dim)`` Gaussian matrix scaled by ``1 / sqrt(dim)``: the same on every call and device.
+
+    Drawn once on the CPU from a fixed seed and kept per device, so no copy reaches the fit's hot path.
+    """
+    generator = torch.Generator().manual_seed(PROJECTION_SEED)
+    return (torch.randn(channels, dim, generator=generator) / dim**0.5).to(device)
+
+
 def _scalar_reads_are_free(tensor: Tensor) -> bool:
     """Shortcuts that read a value back to Python are taken on CPU only; on an accelerator they stall its queue."""
     return tensor.device.type == "cpu"
@@ -132,6 +148,7 @@ class _LinearClassifier:
         solver: Literal["auto", "newton", "bound", "gradient"] = "auto",
         max_iter: int | None = None,
         power_iter: int = 20,
+        projection: int | None = None,
     ) -> None:
         if l2 <= 0:
             msg = f"l2 must be > 0, got {l2}"
@@ -142,10 +159,14 @@ class _LinearClassifier:
         if max_iter is not None and max_iter < 1:
             msg = f"max_iter must be >= 1, got {max_iter}"
             raise ValueError(msg)
+        if projection is not None and projection < 1:
+            msg = f"projection must be >= 1 channel or None, got {projection}"
+            raise ValueError(msg)
         self.l2 = l2
         self.solver = solver
         self.max_iter = max_iter
         self.power_iter = power_iter
+        self.projection = projection
 
     def loss(self, margins: Tensor) -> Tensor:
         """Loss at ``margins = y * f``."""
@@ -174,20 +195,26 @@ class _LinearClassifier:
         signs = labels.float()
         weights, fitted = balanced_weights(labels, valid)
         # X^T is what the feature sampler produces contiguously; X is only ever read as its transposed view
-        transposed = torch.cat((features.transpose(1, 2), torch.ones_like(features[:, None, :, 0])), dim=1)
+        features_t = features.transpose(1, 2)
+        projection = None
+        if self.projection is not None and features.shape[2] > self.projection:
+            projection = random_projection(features.shape[2], self.projection, features.device)
+            features_t = torch.matmul(projection.T, features_t)
+        transposed = torch.cat((features_t, torch.ones_like(features_t[:, :1])), dim=1)
         augmented = transposed.transpose(1, 2)
         penalty = torch.ones(augmented.shape[2], device=features.device)
         penalty[-1] = 0.0  # the bias is not regularized
         solver = self.solver
         if solver == "auto":
-            solver = self.narrow_solver if features.shape[2] <= NEWTON_MAX_CHANNELS else "gradient"
+            solver = self.narrow_solver if features_t.shape[1] <= NEWTON_MAX_CHANNELS else "gradient"
         solve = {"newton": self._newton, "bound": self._bound_newton, "gradient": self._gradient_descent}[solver]
         steps = self.max_iter or DEFAULT_STEPS[solver]
         params = solve(augmented, transposed, signs, weights, penalty, steps)
 
         fitted = fitted & torch.isfinite(params).all(dim=1)
         params = torch.where(fitted[:, None], params, torch.zeros_like(params))
-        return LinearDecision(weight=params[:, :-1], bias=params[:, -1], fitted=fitted)
+        weight = params[:, :-1] if projection is None else params[:, :-1] @ projection.T
+        return LinearDecision(weight=weight, bias=params[:, -1], fitted=fitted)
 
     def _objective(self, margins: Tensor, params: Tensor, weights: Tensor, penalty: Tensor) -> Tensor:
         """Objective for ``margins (..., N)`` and ``params (..., C)`` whose leading dims broadcast."""
@@ -288,6 +315,9 @@ class LinearSVM(_LinearClassifier):
         solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
         max_iter: Most steps: Newton 10, bound 50, gradient 200 by default.
         power_iter: Power-iteration steps for the gradient solver's step size.
+        projection: Fit on features projected to this many channels (fixed random matrix) when they are wider;
+            ``None`` (default) fits on all channels. With 256, refining WideResNet-50 features (1536 channels)
+            took about a fifth of the time on CPU (README).
 
     Example:
         >>> features = torch.tensor([[[2.0], [1.0], [-1.0], [-2.0]]])
@@ -320,6 +350,9 @@ class LogisticRegression(_LinearClassifier):
         solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
         max_iter: Most steps: Newton 10, bound 50, gradient 200 by default.
         power_iter: Power-iteration steps for the gradient solver's step size.
+        projection: Fit on features projected to this many channels (fixed random matrix) when they are wider;
+            ``None`` (default) fits on all channels. With 256, refining WideResNet-50 features (1536 channels)
+            took about a fifth of the time on CPU (README).
 
     Example:
         >>> features = torch.tensor([[[2.0], [1.0], [-1.0], [-2.0]]])
