@@ -83,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layers", nargs="+", help="backbone layers for the pixel features (default: the model's)")
     parser.add_argument("--with-image", action="store_true", help="add the image's own pixels as a feature level")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="names above, or name:JSON-arguments")
     parser.add_argument("--classifier", default="logistic", help="classifier name (logistic, svm)")
@@ -92,7 +93,7 @@ def main() -> None:
     arguments = parser.parse_args()
     cache = torch.load(arguments.cache, weights_only=False)
     config = cache["config"]
-    extractor = TimmFeatures(backbone=config["backbone"], layers=config["layers"], pre_trained=True)
+    extractor = TimmFeatures(backbone=config["backbone"], layers=arguments.layers or config["layers"], pre_trained=True)
     inputs = model_inputs(cache)
     levels = [torch.cat(parts) for parts in zip(*(extractor(inputs[i : i + 16]) for i in range(0, len(inputs), 16)))]
     if arguments.with_image:
