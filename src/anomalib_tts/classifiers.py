@@ -137,7 +137,18 @@ def _weighted_gram(transposed: Tensor, sample_weights: Tensor) -> Tensor:
 
 
 class _LinearClassifier:
-    """Shared batched solvers; subclasses give the loss, its derivative and curvature."""
+    """Shared batched solvers; subclasses give the loss, its derivative and curvature.
+
+    Args:
+        l2: L2 penalty on the weights (not the bias), > 0, against class weights that sum to 1 (the default,
+            1.0, was chosen on both real datasets of the README).
+        solver: ``"auto"``, ``"newton"``, ``"bound"`` or ``"gradient"`` (see the module docstring).
+        max_iter: Most steps: Newton 10, bound 50, gradient 200 by default.
+        power_iter: Power-iteration steps for the gradient solver's step size.
+        projection: Fit on features projected to this many channels (fixed random matrix) when they are wider;
+            ``None`` (default) fits on all channels. With 256, refining WideResNet-50 features (1536 channels)
+            took about a quarter of the time on CPU (268 -> 64 ms per image, README).
+    """
 
     curvature: float  # upper bound of the loss's second derivative (gradient step size, bound solver)
     narrow_solver: str  # what "auto" picks up to NEWTON_MAX_CHANNELS channels
@@ -309,15 +320,8 @@ class _LinearClassifier:
 class LinearSVM(_LinearClassifier):
     """Linear SVM with squared hinge loss and L2 penalty (the paper's classifier).
 
-    Args:
-        l2: L2 penalty on the weights (not the bias), > 0, against class weights that sum to 1 (the default,
-            1.0, was chosen on both real datasets of the README).
-        solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
-        max_iter: Most steps: Newton 10, bound 50, gradient 200 by default.
-        power_iter: Power-iteration steps for the gradient solver's step size.
-        projection: Fit on features projected to this many channels (fixed random matrix) when they are wider;
-            ``None`` (default) fits on all channels. With 256, refining WideResNet-50 features (1536 channels)
-            took about a fifth of the time on CPU (README).
+    Takes the arguments of every linear classifier here (``l2``, ``solver``, ``max_iter``, ``power_iter``,
+    ``projection``), described on ``_LinearClassifier``.
 
     Example:
         >>> features = torch.tensor([[[2.0], [1.0], [-1.0], [-2.0]]])
@@ -344,15 +348,8 @@ class LinearSVM(_LinearClassifier):
 class LogisticRegression(_LinearClassifier):
     """L2-regularized logistic regression.
 
-    Args:
-        l2: L2 penalty on the weights (not the bias), > 0, against class weights that sum to 1 (the same
-            default as :class:`LinearSVM`).
-        solver: ``"auto"``, ``"newton"`` or ``"gradient"`` (see the module docstring).
-        max_iter: Most steps: Newton 10, bound 50, gradient 200 by default.
-        power_iter: Power-iteration steps for the gradient solver's step size.
-        projection: Fit on features projected to this many channels (fixed random matrix) when they are wider;
-            ``None`` (default) fits on all channels. With 256, refining WideResNet-50 features (1536 channels)
-            took about a fifth of the time on CPU (README).
+    Takes the arguments of every linear classifier here (``l2``, ``solver``, ``max_iter``, ``power_iter``,
+    ``projection``), described on ``_LinearClassifier``.
 
     Example:
         >>> features = torch.tensor([[[2.0], [1.0], [-1.0], [-2.0]]])
