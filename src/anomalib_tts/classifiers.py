@@ -231,6 +231,12 @@ class _LinearClassifier:
         """Objective for ``margins (..., N)`` and ``params (..., C)`` whose leading dims broadcast."""
         return (weights * self.loss(margins)).sum(dim=-1) + self.l2 / 2 * (penalty * params.square()).sum(dim=-1)
 
+    def _gradient(
+        self, augmented: Tensor, signs: Tensor, weights: Tensor, penalty: Tensor, margins: Tensor, params: Tensor
+    ) -> Tensor:
+        """Gradient of the objective at ``params``, whose margins ``y * (X params)`` are ``margins``."""
+        return _row_times(weights * signs * self.loss_derivative(margins), augmented) + self.l2 * penalty * params
+
     def _newton(
         self, augmented: Tensor, transposed: Tensor, signs: Tensor, weights: Tensor, penalty: Tensor, steps: int
     ) -> Tensor:
@@ -242,8 +248,7 @@ class _LinearClassifier:
         moving = torch.ones(batch_size, dtype=torch.bool, device=augmented.device)
         broken = torch.zeros_like(moving)
         for _ in range(steps):
-            loss_gradient = _row_times(weights * signs * self.loss_derivative(margins), augmented)
-            gradient = loss_gradient + self.l2 * penalty * params
+            gradient = self._gradient(augmented, signs, weights, penalty, margins, params)
             hessian = _weighted_gram(transposed, weights * self.loss_curvature(margins)) + regularizer
             factor, info = torch.linalg.cholesky_ex(hessian)
             direction = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
@@ -275,9 +280,7 @@ class _LinearClassifier:
         margins = torch.zeros_like(signs)
         moving = info == 0
         for _ in range(steps):
-            gradient = (
-                _row_times(weights * signs * self.loss_derivative(margins), augmented) + self.l2 * penalty * params
-            )
+            gradient = self._gradient(augmented, signs, weights, penalty, margins, params)
             direction = -torch.cholesky_solve(gradient[:, :, None], factor)[:, :, 0]
             moving = moving & (-(gradient * direction).sum(dim=1) > NEWTON_TOLERANCE)
             direction = torch.where(moving[:, None], direction, torch.zeros_like(direction))
@@ -296,8 +299,7 @@ class _LinearClassifier:
         momentum = 1.0
         for _ in range(steps):
             margins = signs * _row_times(momentum_point, transposed)
-            grad_f = weights * signs * self.loss_derivative(margins)
-            gradient = _row_times(grad_f, augmented) + self.l2 * penalty * momentum_point
+            gradient = self._gradient(augmented, signs, weights, penalty, margins, momentum_point)
             updated = momentum_point - step[:, None] * gradient
             next_momentum = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
             momentum_point = updated + ((momentum - 1) / next_momentum) * (updated - params)
