@@ -53,6 +53,22 @@ def test_images_without_confident_defects_keep_their_mask() -> None:
     assert torch.equal(result.masks[1], original[1])
 
 
+def test_decision_values_are_the_soft_refined_mask_and_nan_where_the_mask_was_kept() -> None:
+    images, maps, _ = _scene(batch=2)
+    maps[1] = 0.3 * maps[1] / maps[1].max()  # not refined
+    original = torch.zeros_like(maps, dtype=torch.bool)
+    result = TestTimeRefiner(RobustNominal(), _identity, LinearSVM())(images, maps, original, 0.5, torch.arange(2))
+    assert result.decision.shape == maps.shape
+    assert torch.isfinite(result.decision[0]).all()
+    assert torch.equal(result.decision[0] > 0, result.masks[0])
+    assert 0 < int((result.decision[0] > 0).sum()) < maps[0].numel()
+    assert torch.isnan(result.decision[1]).all()
+    unrefined = TestTimeRefiner(RobustNominal(), _identity, LinearSVM())(
+        images[1:], maps[1:], original[1:], 0.5, torch.arange(1)
+    )
+    assert torch.isnan(unrefined.decision).all()
+
+
 def test_too_few_negatives_keeps_the_mask() -> None:
     images, maps, _ = _scene(batch=1)
     maps[:] = 0.95

@@ -35,12 +35,15 @@ class Refinement:
         outcome: ``(B,)`` int64 :class:`Outcome` codes.
         num_positives: ``(B,)`` positives used for fitting (after the cap).
         num_negatives: ``(B,)`` negatives used for fitting (after the cap).
+        decision: ``(B, H, W)`` float, the classifier's decision value at every pixel of the refined images (the
+            refined mask is ``decision > 0``), ``nan`` for the others: a soft map to threshold differently.
     """
 
     masks: Tensor
     outcome: Tensor
     num_positives: Tensor
     num_negatives: Tensor
+    decision: Tensor
 
     @property
     def refined(self) -> Tensor:
@@ -159,7 +162,8 @@ class TestTimeRefiner:
 
         masks = masks.reshape(batch_size, height, width).bool()
         if not bool((outcome == Outcome.REFINED).any()):
-            return Refinement(masks, outcome, num_positives, num_negatives)
+            unrefined = torch.full_like(score_maps, float("nan"))
+            return Refinement(masks, outcome, num_positives, num_negatives, unrefined)
 
         feature_maps = self.features(images) if depth_maps is None else self.features(images, depth_maps)
         pyramid = self.make_pyramid(feature_maps, (height, width))
@@ -171,6 +175,7 @@ class TestTimeRefiner:
 
         outcome = torch.where((outcome == Outcome.REFINED) & ~decision.fitted, int(Outcome.FIT_FAILED), outcome)
         refined = outcome == Outcome.REFINED
-        new_masks = decision.score_map(pyramid, (height, width)) > 0
-        masks = torch.where(refined[:, None, None], new_masks, masks)
-        return Refinement(masks, outcome, num_positives, num_negatives)
+        decision_map = decision.score_map(pyramid, (height, width)).float()
+        decision_map = torch.where(refined[:, None, None], decision_map, float("nan"))
+        masks = torch.where(refined[:, None, None], decision_map > 0, masks)
+        return Refinement(masks, outcome, num_positives, num_negatives, decision_map)
