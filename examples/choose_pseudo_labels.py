@@ -47,6 +47,25 @@ def model_inputs(cache: dict) -> torch.Tensor:
     return (images - cache["norm_mean"][:, None, None]) / cache["norm_std"][:, None, None]
 
 
+def cached_levels(cache: dict, layers: list[str] | None = None) -> list[torch.Tensor]:
+    """Backbone features of every cached test image (the model's backbone; its layers unless ``layers``)."""
+    config = cache["config"]
+    extractor = TimmFeatures(backbone=config["backbone"], layers=layers or config["layers"], pre_trained=True)
+    inputs = model_inputs(cache)
+    with torch.no_grad():
+        return [torch.cat(parts) for parts in zip(*(extractor(inputs[i : i + 16]) for i in range(0, len(inputs), 16)))]
+
+
+def unclipped_maps(cache: dict) -> tuple[torch.Tensor, float]:
+    """What the callback sees (anomalib's normalization without its clipping to [0, 1]), and where mean + 3 std
+    of the nominal validation pixels falls on that scale."""
+    stats, post = cache["val_stats"], cache["post_processor"]
+    scale = post["pixel_max"] - post["pixel_min"]
+    maps = (cache["anomaly_map_raw"] - post["pixel_threshold"]) / scale + 0.5
+    sigma3 = (stats["pixel_mean"] + 3 * stats["pixel_std"] - post["pixel_threshold"]) / scale + 0.5
+    return maps, float(sigma3)
+
+
 def refine_all(
     cache: dict,
     maps: torch.Tensor,
@@ -57,8 +76,9 @@ def refine_all(
     classifier: str,
     classifier_args: dict,
 ) -> tuple:
+    """Refine every cached image -> masks, decision values (``nan`` where a mask was kept), outcomes, s/image."""
     refiner = TestTimeRefiner(LABELERS.get(recipe)(**args), features, CLASSIFIERS.get(classifier)(**classifier_args))
-    masks, outcomes = [], []
+    masks, decisions, outcomes = [], [], []
     seeds = path_seeds(cache["image_path"])
     start = time.perf_counter()
     for first in range(0, maps.shape[0], batch):
@@ -66,9 +86,10 @@ def refine_all(
         features.index = index
         result = refiner(None, maps[index], maps[index] > 0.5, 0.5, seeds[index])
         masks.append(result.masks)
+        decisions.append(result.decision)
         outcomes.append(result.outcome)
     seconds = (time.perf_counter() - start) / maps.shape[0]
-    return torch.cat(masks), torch.cat(outcomes), seconds
+    return torch.cat(masks), torch.cat(decisions), torch.cat(outcomes), seconds
 
 
 def report(name: str, masks: torch.Tensor, cache: dict, extra: str = "") -> None:
@@ -92,18 +113,11 @@ def main() -> None:
     )
     arguments = parser.parse_args()
     cache = torch.load(arguments.cache, weights_only=False)
-    config = cache["config"]
-    extractor = TimmFeatures(backbone=config["backbone"], layers=arguments.layers or config["layers"], pre_trained=True)
-    inputs = model_inputs(cache)
-    levels = [torch.cat(parts) for parts in zip(*(extractor(inputs[i : i + 16]) for i in range(0, len(inputs), 16)))]
+    levels = cached_levels(cache, arguments.layers)
     if arguments.with_image:
-        levels.append(inputs)
+        levels.append(model_inputs(cache))
     features = Precomputed(levels)
-    stats, post = cache["val_stats"], cache["post_processor"]
-    scale = post["pixel_max"] - post["pixel_min"]
-    # what the callback sees: anomalib's normalization without its clipping to [0, 1]
-    maps = (cache["anomaly_map_raw"] - post["pixel_threshold"]) / scale + 0.5
-    sigma3 = (stats["pixel_mean"] + 3 * stats["pixel_std"] - post["pixel_threshold"]) / scale + 0.5
+    maps, sigma3 = unclipped_maps(cache)
 
     print(f"{arguments.cache}: {maps.shape[0]} test images")
     report("threshold (anomalib)", cache["pred_mask"], cache)
@@ -112,7 +126,7 @@ def main() -> None:
         recipe, args = (
             RECIPES[name] if name in RECIPES else (name.split(":")[0], json.loads(name.partition(":")[2] or "{}"))
         )
-        masks, outcomes, seconds = refine_all(
+        masks, _, outcomes, seconds = refine_all(
             cache, maps, features, recipe, args, arguments.batch_size, arguments.classifier, arguments.classifier_args
         )
         refined = int((outcomes == 0).sum())

@@ -24,14 +24,10 @@ import itertools
 from pathlib import Path
 
 import torch
-from choose_pseudo_labels import Precomputed, model_inputs
+from choose_pseudo_labels import Precomputed, cached_levels, refine_all, unclipped_maps
 
-from anomalib_tts import TestTimeRefiner
-from anomalib_tts.classifiers import CLASSIFIERS
 from anomalib_tts.evaluation import oracle_threshold, segmentation_scores
-from anomalib_tts.features import TimmFeatures
 from anomalib_tts.pseudo_labels import PeakRelative
-from anomalib_tts.sampling import path_seeds
 
 LINES = ("keeps anomalib", "beats mean F1", "beats pooled F1")
 
@@ -39,39 +35,26 @@ LINES = ("keeps anomalib", "beats mean F1", "beats pooled F1")
 class Dataset:
     """One cache: unclipped normalized maps, ground truth, features, and the threshold baselines' scores."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, batch_size: int) -> None:
         cache = torch.load(path, weights_only=False)
         self.name = path.parent.name
         self.cache = cache
-        config = cache["config"]
-        extractor = TimmFeatures(backbone=config["backbone"], layers=config["layers"], pre_trained=True)
-        inputs = model_inputs(cache)
-        with torch.no_grad():
-            parts = (extractor(inputs[i : i + 16]) for i in range(0, len(inputs), 16))
-            self.features = Precomputed([torch.cat(level) for level in zip(*parts)])
-        post, stats = cache["post_processor"], cache["val_stats"]
-        scale = post["pixel_max"] - post["pixel_min"]
-        self.maps = (cache["anomaly_map_raw"] - post["pixel_threshold"]) / scale + 0.5
+        self.batch_size = batch_size
+        self.features = Precomputed(cached_levels(cache))
+        self.maps, self.sigma3 = unclipped_maps(cache)
         self.truth = cache["gt_mask"].bool().reshape(self.maps.shape)
-        self.sigma3 = float((stats["pixel_mean"] + 3 * stats["pixel_std"] - post["pixel_threshold"]) / scale + 0.5)
-        self.seeds = path_seeds(cache["image_path"])
         self.defect_types = [Path(image_path).parent.name for image_path in cache["image_path"]]
         self.baselines = {"anomalib": self.score(cache["pred_mask"]), "mean+3std": self.score(self.maps > self.sigma3)}
 
     def score(self, masks: torch.Tensor) -> dict[str, float]:
         return segmentation_scores(masks, self.cache["gt_mask"], self.cache["pred_label"], self.cache["gt_label"])
 
-    def refine(self, labeler: PeakRelative, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def refine(self, recipe_args: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks kept where an image is not refined, and the decision values (``nan`` there)."""
-        refiner = TestTimeRefiner(labeler, self.features, CLASSIFIERS.get("logistic")())
-        masks, decisions = [], []
-        for first in range(0, self.maps.shape[0], batch_size):
-            index = slice(first, first + batch_size)
-            self.features.index = index
-            result = refiner(None, self.maps[index], self.maps[index] > 0.5, 0.5, self.seeds[index])
-            masks.append(result.masks)
-            decisions.append(result.decision)
-        return torch.cat(masks), torch.cat(decisions)
+        masks, decisions, _, _ = refine_all(
+            self.cache, self.maps, self.features, "relative", recipe_args, self.batch_size, "logistic", {}
+        )
+        return masks, decisions
 
     def lines_met(self, scores: dict[str, float]) -> tuple[bool, bool, bool]:
         realistic = self.baselines.values()
@@ -134,7 +117,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--diagnose", action="store_true", help="per defect type, for the default setting")
     arguments = parser.parse_args()
-    datasets = [Dataset(path) for path in arguments.caches]
+    datasets = [Dataset(path, arguments.batch_size) for path in arguments.caches]
     for data in datasets:
         for name, scores in data.baselines.items():
             print(
@@ -149,8 +132,8 @@ def main() -> None:
     for positive, negative in itertools.product(arguments.positive_fractions, arguments.negative_fractions):
         if negative >= positive:
             continue
-        labeler = PeakRelative(positive_fraction=positive, negative_fraction=negative)
-        refined = [data.refine(labeler, arguments.batch_size) for data in datasets]
+        recipe_args = {"positive_fraction": positive, "negative_fraction": negative}
+        refined = [data.refine(recipe_args) for data in datasets]
         for offset in arguments.offsets:
             settings += 1
             cells, all_lines = [], True
@@ -171,7 +154,7 @@ def main() -> None:
 
     if arguments.diagnose:
         for data in datasets:
-            diagnose(data, *data.refine(PeakRelative(), arguments.batch_size))
+            diagnose(data, *data.refine({}))
 
 
 if __name__ == "__main__":
