@@ -14,6 +14,7 @@ from typing_extensions import override
 from anomalib_tts.classifiers import CLASSIFIERS
 from anomalib_tts.features import FeatureProvider, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import RgbdFeatures
+from anomalib_tts.placement import place_callback, remove_callbacks
 from anomalib_tts.pseudo_labels import LABELERS
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
 from anomalib_tts.sampling import content_seeds, path_seeds
@@ -79,16 +80,51 @@ class RefinementStats:
         }
 
 
+def unclipped_scores(raw: Tensor, post_processor: Any) -> Tensor | None:
+    """``raw`` normalized like anomalib's PostProcessor does, without clipping; ``None`` if it has no statistics."""
+    names = ("pixel_threshold", "pixel_min", "pixel_max")
+    if post_processor is None or not all(hasattr(post_processor, name) for name in names):
+        return None
+    threshold, low, high = (getattr(post_processor, name).to(raw.device).float() for name in names)
+    if not bool(torch.isfinite(threshold) & torch.isfinite(low) & torch.isfinite(high) & (high > low)):
+        return None
+    return (raw.float() - threshold) / (high - low) + 0.5
+
+
 class RawMapKeeper(Callback):
     """Keeps a reference to each batch's raw anomaly map; placed right before the PostProcessor.
 
     anomalib's PostProcessor clips its normalized maps to ``[0, 1]``; with a nominal-only validation set most
     normal pixels of a test image end up exactly at 0 (and strong defects at 1), which hides the image's own
-    score distribution. The refinement reads the raw map instead and normalizes it the same way, unclipped.
+    score distribution. The refinement reads the raw map instead and normalizes it the same way, unclipped
+    (:meth:`take_unclipped`).
     """
 
     def __init__(self) -> None:
         self.raw: Tensor | None = None
+
+    def place_before(self, trainer: Any, post_processor: Any) -> bool:
+        """Move this keeper right before ``post_processor`` in ``trainer.callbacks``.
+
+        Returns:
+            ``False``, with the keeper out of the list, when the model has no PostProcessor among the callbacks.
+        """
+        if post_processor is None:
+            remove_callbacks(trainer, [self])
+            return False
+        return place_callback(trainer, self, before=post_processor)
+
+    def take_unclipped(self, post_processor: Any, shape: torch.Size) -> Tensor | None:
+        """The kept raw map normalized by :func:`unclipped_scores` (and forgotten), if it has ``shape``.
+
+        Returns:
+            ``None`` when no map was kept for this batch, it has another shape, or the PostProcessor has no
+            statistics.
+        """
+        raw, self.raw = self.raw, None
+        if raw is None or raw.shape != shape:
+            return None
+        return unclipped_scores(raw, post_processor)
 
     def _keep(self, outputs: Any) -> None:
         self.raw = getattr(outputs, "anomaly_map", None)
@@ -104,17 +140,6 @@ class RawMapKeeper(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
     ) -> None:
         self._keep(outputs)
-
-
-def unclipped_scores(raw: Tensor, post_processor: Any) -> Tensor | None:
-    """``raw`` normalized like anomalib's PostProcessor does, without clipping; ``None`` if it has no statistics."""
-    names = ("pixel_threshold", "pixel_min", "pixel_max")
-    if post_processor is None or not all(hasattr(post_processor, name) for name in names):
-        return None
-    threshold, low, high = (getattr(post_processor, name).to(raw.device).float() for name in names)
-    if not bool(torch.isfinite(threshold) & torch.isfinite(low) & torch.isfinite(high) & (high > low)):
-        return None
-    return (raw.float() - threshold) / (high - low) + 0.5
 
 
 class TestTimeSegmentation(Callback):
@@ -241,23 +266,22 @@ class TestTimeSegmentation(Callback):
             release()
 
     def _place_after_post_processor(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Move this callback right after the PostProcessor (else before the Evaluator / Visualizer)."""
+        """Move this callback right after the PostProcessor (else before the Evaluator / Visualizer, else last)."""
         from anomalib.metrics import Evaluator
         from anomalib.visualization import Visualizer
 
-        callbacks = [
-            callback for callback in trainer.callbacks if callback is not self and callback is not self._raw_maps
-        ]
         post_processor = getattr(pl_module, "post_processor", None)
-        positions = [index for index, callback in enumerate(callbacks) if callback is post_processor]
-        if positions:
-            callbacks.insert(positions[0], self._raw_maps)
-            position = positions[0] + 2
-        else:
-            readers = [i for i, callback in enumerate(callbacks) if isinstance(callback, Evaluator | Visualizer)]
-            position = readers[0] if readers else len(callbacks)
-        callbacks.insert(position, self)
-        trainer.callbacks = callbacks
+        if self._raw_maps.place_before(trainer, post_processor):
+            place_callback(trainer, self, after=post_processor)
+        elif not place_callback(trainer, self, before=(Evaluator, Visualizer)):
+            place_callback(trainer, self)
+
+    def remove_from(self, trainer: Trainer) -> None:
+        """Take this callback and the raw-map keeper it placed out of ``trainer.callbacks``; release its features."""
+        teardown = getattr(self.refiner.features, "teardown", None)
+        if teardown is not None:
+            teardown()
+        remove_callbacks(trainer, [self, self._raw_maps])
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -320,10 +344,8 @@ class TestTimeSegmentation(Callback):
             logger.warning("test-time segmentation: the batch has no anomaly_map; masks left as they are")
             return None
         start = time.perf_counter()
-        raw, self._raw_maps.raw = self._raw_maps.raw, None
-        if raw is not None and raw.shape == anomaly_map.shape:
-            unclipped = unclipped_scores(raw, self._post_processor)
-            anomaly_map = anomaly_map if unclipped is None else unclipped
+        unclipped = self._raw_maps.take_unclipped(self._post_processor, anomaly_map.shape)
+        anomaly_map = anomaly_map if unclipped is None else unclipped
         score_maps = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
         original = batch.pred_mask if batch.pred_mask is not None else score_maps > self.nominal_threshold
         paths = getattr(batch, "image_path", None)

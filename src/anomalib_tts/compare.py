@@ -33,7 +33,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from anomalib_tts.callback import RawMapKeeper, TestTimeSegmentation, unclipped_scores
+from anomalib_tts.callback import RawMapKeeper, TestTimeSegmentation
 from anomalib_tts.evaluation import MaskRecorder, NominalPixelStats, normalized_threshold, oracle_threshold
 
 METRICS = (
@@ -221,13 +221,9 @@ class ScoreMapRecorder(MaskRecorder):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.post_processor = getattr(pl_module, "post_processor", None)
-        callbacks = [callback for callback in trainer.callbacks if callback is not self.raw_maps]
-        positions = [index for index, callback in enumerate(callbacks) if callback is self.post_processor]
-        if not positions:
+        if not self.raw_maps.place_before(trainer, self.post_processor):
             msg = f"comparing needs the model's PostProcessor among the callbacks; {type(pl_module).__name__} has none"
             raise ValueError(msg)
-        callbacks.insert(positions[0], self.raw_maps)
-        trainer.callbacks = callbacks
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -237,9 +233,12 @@ class ScoreMapRecorder(MaskRecorder):
     @override
     def record(self, batch: Any) -> None:
         super().record(batch)
-        raw, self.raw_maps.raw = self.raw_maps.raw, None
         count, size = batch.anomaly_map.shape[0], batch.anomaly_map.shape[-2:]
-        self.score_maps.append(unclipped_scores(raw, self.post_processor).reshape(count, *size).cpu())
+        score_maps = self.raw_maps.take_unclipped(self.post_processor, batch.anomaly_map.shape)
+        if score_maps is None:
+            msg = "comparing needs each batch's raw anomaly map and the PostProcessor's statistics; this batch has none"
+            raise ValueError(msg)
+        self.score_maps.append(score_maps.reshape(count, *size).cpu())
         self.images.append(batch.image.float().cpu())
 
 

@@ -13,6 +13,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
+from anomalib_tts.placement import place_callback
+
 
 @dataclass
 class Records:
@@ -57,7 +59,7 @@ class MaskRecorder(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        trainer.callbacks = [callback for callback in trainer.callbacks if callback is not self] + [self]
+        place_callback(trainer, self)
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

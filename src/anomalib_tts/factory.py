@@ -35,6 +35,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from anomalib_tts.callback import TestTimeSegmentation
+from anomalib_tts.placement import remove_callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,5 @@ class ConfiguredCallbackGuard(Callback):
         if configured:
             name = type(configured[0]).__name__
             logger.info("%s ignored: the Trainer's callbacks already hold %s", CONFIG_VARIABLE, name)
-            self.callback.teardown(trainer, pl_module, stage)
-            dropped = {id(self), id(self.callback), id(self.callback._raw_maps)}  # noqa: SLF001
-            trainer.callbacks = [other for other in trainer.callbacks if id(other) not in dropped]
-        else:
-            trainer.callbacks = [other for other in trainer.callbacks if other is not self]
+            self.callback.remove_from(trainer)
+        remove_callbacks(trainer, [self])

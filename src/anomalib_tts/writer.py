@@ -12,6 +12,8 @@ from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
+from anomalib_tts.placement import place_callback
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,7 +59,7 @@ class MaskWriter(BasePredictionWriter):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        trainer.callbacks = [callback for callback in trainer.callbacks if callback is not self] + [self]
+        place_callback(trainer, self)
 
     @override
     def write_on_batch_end(
