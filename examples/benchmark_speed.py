@@ -45,8 +45,8 @@ from torchvision.transforms.v2 import Resize
 
 from anomalib_tts import TestTimeRefiner, TestTimeSegmentation
 from anomalib_tts.callback import RawMapKeeper, unclipped_scores
-from anomalib_tts.evaluation import f1_score
 from anomalib_tts.features import FeaturePyramid, ModelFeatures
+from anomalib_tts.metrics import f1_score
 from anomalib_tts.sampling import path_seeds
 
 

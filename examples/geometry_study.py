@@ -27,9 +27,10 @@ from torchvision.transforms.functional import gaussian_blur
 from anomalib_tts import TestTimeSegmentation
 from anomalib_tts.classifiers import LogisticRegression
 from anomalib_tts.data import MVTec3D, make_mvtec3d_dataset
-from anomalib_tts.evaluation import MaskRecorder, f1_score
+from anomalib_tts.evaluation import MaskRecorder
 from anomalib_tts.features import TimmFeatures
 from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures
+from anomalib_tts.metrics import f1_score
 from anomalib_tts.pseudo_labels import LABELERS
 from anomalib_tts.refiner import TestTimeRefiner
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from anomalib_tts.evaluation import f1_score
+from anomalib_tts.metrics import f1_score
 from tests.cli_runs import run_anomalib, run_python
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from anomalib_tts.compare import (
     refine_recorded,
     run_model,
 )
-from anomalib_tts.evaluation import NominalPixelStats, f1_score, oracle_threshold, segmentation_scores
+from anomalib_tts.evaluation import NominalPixelStats, oracle_threshold, segmentation_scores
+from anomalib_tts.metrics import f1_score
 
 PADIM = {"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"], "pre_trained": False}
 

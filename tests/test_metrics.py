@@ -3,8 +3,8 @@
 import torch
 from anomalib.data import ImageBatch
 
-from anomalib_tts.evaluation import f1_score, iou_score, segmentation_scores
-from anomalib_tts.metrics import IoU, MeanPerImageF1
+from anomalib_tts.evaluation import segmentation_scores
+from anomalib_tts.metrics import IoU, MeanPerImageF1, f1_score, iou_score
 
 
 def _batch(pred: list, gt: list) -> ImageBatch:
@@ -55,3 +55,13 @@ def test_functional_scores() -> None:
     assert abs(scores["mean_f1_defective"] - 1 / 3) < 1e-6
     assert abs(scores["mean_iou_defective"] - 0.25) < 1e-6
     assert abs(scores["image_f1"] - 0.5) < 1e-6
+
+
+def test_the_refinement_and_the_metrics_do_not_import_the_study_code(tmp_path) -> None:
+    """``evaluation`` (recorded scores, baselines), ``compare`` and ``demo`` serve the commands and examples only."""
+    from tests.cli_runs import run_python
+
+    core = ("anomalib_tts", "anomalib_tts.metrics", "anomalib_tts.factory", "anomalib_tts.writer")
+    study = ("anomalib_tts.evaluation", "anomalib_tts.compare", "anomalib_tts.demo")
+    code = f"import sys; import {', '.join(core)}; print([name for name in {study} if name in sys.modules])"
+    assert run_python("-c", code, cwd=tmp_path).strip().splitlines()[-1] == "[]"

@@ -1,8 +1,10 @@
-"""Segmentation scores of recorded masks, for the examples and benchmarks.
+"""Scores of recorded masks and threshold baselines, for ``anomalib-tts compare``, the demo and the examples.
 
 :class:`MaskRecorder` is a callback that keeps what anomalib finally reports for every test image (the masks
 the Evaluator scores, the ground truth, the labels); :func:`segmentation_scores` turns that into the numbers
-the README reports.
+the README reports; :func:`oracle_threshold` and :class:`NominalPixelStats` give the thresholds the refinement
+is compared with. The refinement and the Evaluator metrics (:mod:`anomalib_tts.metrics`) do not import this
+module.
 """
 
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
+from anomalib_tts.metrics import f1_score, iou_score
 from anomalib_tts.placement import place_callback
 
 
@@ -90,22 +93,6 @@ class MaskRecorder(Callback):
         if batch.gt_label is not None:
             self.records.gt_labels.append(batch.gt_label.reshape(count).bool().cpu())
         self.records.paths.extend(batch.image_path or [""] * count)
-
-
-def f1_score(predicted: Tensor, truth: Tensor) -> Tensor:
-    """F1 of bool tensors over their last two dims (per image) or all dims when 1-D; 1.0 when both are empty."""
-    dims = tuple(range(1, predicted.dim())) if predicted.dim() > 1 else (0,)
-    true_positives = (predicted & truth).sum(dim=dims).float()
-    total = (predicted.sum(dim=dims) + truth.sum(dim=dims)).float()
-    return torch.where(total > 0, 2 * true_positives / total.clamp(min=1), torch.ones_like(total))
-
-
-def iou_score(predicted: Tensor, truth: Tensor) -> Tensor:
-    """Intersection over union per image (last two dims); 1.0 when both are empty."""
-    dims = tuple(range(1, predicted.dim()))
-    intersection = (predicted & truth).sum(dim=dims).float()
-    union = (predicted | truth).sum(dim=dims).float()
-    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
 
 
 def segmentation_scores(

@@ -1,4 +1,5 @@
-"""Segmentation metrics as anomalib metrics: usable in an ``Evaluator`` (Python or YAML ``class_path``).
+"""Segmentation metrics as anomalib metrics, usable in an ``Evaluator`` (Python or YAML ``class_path``), and the
+functional scores they are computed with.
 
 Example:
     >>> from anomalib.metrics import Evaluator
@@ -21,7 +22,33 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryJaccardIndex
 
-from anomalib_tts.evaluation import f1_score
+
+def f1_score(predicted: Tensor, truth: Tensor) -> Tensor:
+    """F1 of bool tensors over their last two dims (per image) or all dims when 1-D; 1.0 when both are empty.
+
+    Example:
+        >>> predicted = torch.tensor([[[True, True], [False, False]], [[False, False], [False, False]]])
+        >>> f1_score(predicted, torch.tensor([[[True, False], [False, False]], [[False] * 2] * 2])).tolist()
+        [0.6666666865348816, 1.0]
+    """
+    dims = tuple(range(1, predicted.dim())) if predicted.dim() > 1 else (0,)
+    true_positives = (predicted & truth).sum(dim=dims).float()
+    total = (predicted.sum(dim=dims) + truth.sum(dim=dims)).float()
+    return torch.where(total > 0, 2 * true_positives / total.clamp(min=1), torch.ones_like(total))
+
+
+def iou_score(predicted: Tensor, truth: Tensor) -> Tensor:
+    """Intersection over union per image (last two dims); 1.0 when both are empty.
+
+    Example:
+        >>> predicted = torch.tensor([[[True, True], [False, False]]])
+        >>> iou_score(predicted, torch.tensor([[[True, False], [False, False]]])).tolist()
+        [0.5]
+    """
+    dims = tuple(range(1, predicted.dim()))
+    intersection = (predicted & truth).sum(dim=dims).float()
+    union = (predicted | truth).sum(dim=dims).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
 
 
 class IoU(AnomalibMetric, BinaryJaccardIndex):  # type: ignore[misc]
