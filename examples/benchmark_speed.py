@@ -9,9 +9,9 @@ every 0.5 ms) and ``torch.cuda.max_memory_allocated`` on GPU. The table
 prints, per image, the model's time, the refinement's time, their ratio, the model's peak and the peak of test
 with refinement relative to it.
 
-``--check-masks`` also refines every test image twice, with the default layout and with an unoptimized one
-that upsamples every feature map to full resolution before sampling and classifying, and prints how far the
-masks differ.
+``--check-masks`` also refines every test image twice, with the default layout (the linear model projected at
+each feature level's resolution, only the score map upsampled) and with an unoptimized one that classifies the
+bilinearly upsampled features of every pixel, and prints how far the masks differ.
 
     HF_HUB_CACHE=../shared/weights/hf-hub HF_HUB_OFFLINE=1 python examples/benchmark_speed.py \\
         --dataset-root ../shared/datasets --category metal_plate --check-masks
@@ -35,7 +35,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models import Patchcore
@@ -44,38 +43,33 @@ from torch import Tensor
 from torchvision.transforms.v2 import Resize
 
 from anomalib_tts import TestTimeRefiner, TestTimeSegmentation
-from anomalib_tts.callback import RawMapKeeper, unclipped_scores
-from anomalib_tts.features import FeaturePyramid, ModelFeatures
+from anomalib_tts.callback import RawMapKeeper
+from anomalib_tts.classifiers import Decision, LinearDecision, PixelClassifier
+from anomalib_tts.features import ModelFeatures
 from anomalib_tts.metrics import f1_score
 from anomalib_tts.sampling import path_seeds
 
 
-class FullResolutionPyramid(FeaturePyramid):
-    """The unoptimized reference: every standardized feature map upsampled to the score map's size first."""
+class DenseDecision(Decision):
+    """A fitted linear model that scores every pixel the way any classifier's decision can: on the bilinearly
+    upsampled features (the default :meth:`Decision.score_map`), instead of projecting at feature resolution."""
 
-    def __init__(self, feature_maps: list[Tensor], size: tuple[int, int]) -> None:
-        super().__init__(feature_maps)
-        upsampled = [F.interpolate(level, size=size, mode="bilinear", align_corners=False) for level in self.levels]
-        self.full = torch.cat(upsampled, dim=1)
+    def __init__(self, linear: LinearDecision) -> None:
+        self.linear = linear
+        self.fitted = linear.fitted
 
-    def sample(self, grid: Tensor) -> Tensor:
-        height, width = self.full.shape[-2:]
-        cols = ((grid[..., 0] + 1) * width - 1) / 2
-        rows = ((grid[..., 1] + 1) * height - 1) / 2
-        flat = rows.round().long() * width + cols.round().long()
-        features = self.full.flatten(2)
-        return features.gather(2, flat[:, None].expand(-1, features.shape[1], -1)).transpose(1, 2)
-
-    def project(self, weight: Tensor, size: tuple[int, int]) -> Tensor:
-        del size
-        return torch.einsum("bchw,bc->bhw", self.full, weight)
+    def scores(self, features: Tensor) -> Tensor:
+        return self.linear.scores(features)
 
 
-class UnoptimizedRefiner(TestTimeRefiner):
-    """The same refinement over :class:`FullResolutionPyramid` features."""
+class DenseScoring:
+    """The same classifier, whose decisions score full-resolution features: the unoptimized reference."""
 
-    def make_pyramid(self, feature_maps: list[Tensor], size: tuple[int, int]) -> FeaturePyramid:
-        return FullResolutionPyramid(feature_maps, size)
+    def __init__(self, classifier: PixelClassifier) -> None:
+        self.classifier = classifier
+
+    def fit(self, features: Tensor, labels: Tensor, valid: Tensor) -> Decision:
+        return DenseDecision(self.classifier.fit(features, labels, valid))
 
 
 class PeakMemory:
@@ -294,8 +288,8 @@ def check_masks(model: Patchcore, datamodule: MVTecAD, device: torch.device) -> 
     model_features.setup(model)
     features = FixedFeatures()
     refiners = [
-        kind(defaults.labeler, features, defaults.classifier, defaults.max_positives, defaults.max_negatives)
-        for kind in (TestTimeRefiner, UnoptimizedRefiner)
+        TestTimeRefiner(defaults.labeler, features, classifier, defaults.max_positives, defaults.max_negatives)
+        for classifier in (defaults.classifier, DenseScoring(defaults.classifier))
     ]
     raw_maps = RawMapKeeper()
     trainer = SimpleNamespace(callbacks=[model.pre_processor, raw_maps, model.post_processor, None])
@@ -306,8 +300,8 @@ def check_masks(model: Patchcore, datamodule: MVTecAD, device: torch.device) -> 
         batch = move_data_to_device(batch, device)
         with torch.inference_mode():
             outputs = model_step(model, trainer, batch, index)
-            raw = raw_maps.raw
-            maps = unclipped_scores(raw.reshape(raw.shape[0], *raw.shape[-2:]), model.post_processor)
+            maps = raw_maps.take_unclipped(model.post_processor, outputs.anomaly_map.shape)
+            maps = maps.reshape(maps.shape[0], *maps.shape[-2:])
             features.maps = model_features(outputs.image)  # the test step's own features, from the hook
             seeds = path_seeds(outputs.image_path, device)
             for refiner, kept in zip(refiners, masks, strict=True):

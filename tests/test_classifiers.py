@@ -5,7 +5,15 @@ import itertools
 import pytest
 import torch
 
-from anomalib_tts.classifiers import CLASSIFIERS, LinearSVM, LogisticRegression, balanced_weights, random_projection
+from anomalib_tts.classifiers import (
+    CLASSIFIERS,
+    Decision,
+    LinearSVM,
+    LogisticRegression,
+    balanced_weights,
+    random_projection,
+)
+from anomalib_tts.features import FeaturePyramid
 
 
 def _problems(batch: int = 3, samples: int = 200, channels: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,3 +198,27 @@ def test_projection_wider_than_the_features_changes_nothing() -> None:
 def test_invalid_projection_is_rejected() -> None:
     with pytest.raises(ValueError, match="projection"):
         LogisticRegression(projection=0)
+
+
+class _ScoresOnly(Decision):
+    """A decision with no score map of its own: the default scores every pixel's upsampled features."""
+
+    def __init__(self, linear) -> None:
+        self.linear = linear
+        self.fitted = linear.fitted
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear.scores(features)
+
+
+def test_the_default_score_map_of_any_decision_equals_the_linear_projection() -> None:
+    generator = torch.Generator().manual_seed(3)
+    pyramid = FeaturePyramid(
+        [torch.randn(2, 5, 8, 6, generator=generator), torch.randn(2, 7, 4, 3, generator=generator)]
+    )
+    features, labels = _problems(batch=2, samples=100, channels=12)
+    linear = LogisticRegression().fit(features, labels, torch.ones_like(labels, dtype=torch.bool))
+    size = (31, 17)
+    dense = _ScoresOnly(linear).score_map(pyramid, size)
+    assert dense.shape == (2, *size)
+    assert torch.allclose(dense, linear.score_map(pyramid, size), atol=1e-4)

@@ -107,14 +107,6 @@ class TestTimeRefiner:
         self.min_positives = min_positives
         self.min_negatives = min_negatives
 
-    def make_pyramid(self, feature_maps: list[Tensor], size: tuple[int, int]) -> FeaturePyramid:
-        """The features of a batch whose score maps are ``size``; a subclass may lay them out differently.
-
-        The default never builds ``size``-resolution feature maps (see :class:`FeaturePyramid`).
-        """
-        del size
-        return FeaturePyramid(feature_maps)
-
     def __call__(
         self,
         images: Tensor,
@@ -166,7 +158,7 @@ class TestTimeRefiner:
             return Refinement(masks, outcome, num_positives, num_negatives, unrefined)
 
         feature_maps = self.features(images) if depth_maps is None else self.features(images, depth_maps)
-        pyramid = self.make_pyramid(feature_maps, (height, width))
+        pyramid = FeaturePyramid(feature_maps)
         index = torch.cat((positive_index, negative_index), dim=1)
         valid = torch.cat((positive_valid, negative_valid), dim=1)
         targets = torch.cat((torch.ones_like(positive_index), -torch.ones_like(negative_index)), dim=1)
