@@ -44,8 +44,8 @@ from torchvision.transforms.v2 import Resize
 
 from anomalib_tts import TestTimeRefiner, TestTimeSegmentation
 from anomalib_tts.callback import RawMapKeeper
-from anomalib_tts.classifiers import Decision, LinearDecision, PixelClassifier
-from anomalib_tts.features import ModelFeatures
+from anomalib_tts.classifiers import Decision, LinearDecision, LogisticRegression, PixelClassifier
+from anomalib_tts.features import FeatureSource, Modalities, ModelFeatures, TimmFeatures
 from anomalib_tts.metrics import f1_score
 from anomalib_tts.sampling import path_seeds
 
@@ -185,15 +185,12 @@ def attach(model: Patchcore, callback: TestTimeSegmentation) -> SimpleNamespace:
 
 
 def make_callback(arguments: argparse.Namespace, refine_backbone: str) -> TestTimeSegmentation:
+    classifier = LogisticRegression(**(arguments.classifier_args or {}))
     if refine_backbone == "model":
-        return TestTimeSegmentation(backbone="model", classifier_args=arguments.classifier_args)
+        return TestTimeSegmentation(features="model", classifier=classifier)
     layers = arguments.layers if refine_backbone == arguments.backbone else None
-    return TestTimeSegmentation(
-        backbone=refine_backbone,
-        layers=layers,
-        pre_trained=not arguments.random_weights,
-        classifier_args=arguments.classifier_args,
-    )
+    features = TimmFeatures(backbone=refine_backbone, layers=layers, pre_trained=not arguments.random_weights)
+    return TestTimeSegmentation(features=features, classifier=classifier)
 
 
 def synchronize(device: torch.device) -> None:
@@ -271,19 +268,19 @@ def measure(
     )
 
 
-class FixedFeatures:
+class FixedFeatures(FeatureSource):
     """Hands both refiners the very same feature maps."""
 
     def __init__(self) -> None:
         self.maps: list[Tensor] = []
 
-    def __call__(self, images: Tensor) -> list[Tensor]:
+    def __call__(self, inputs: Modalities) -> list[Tensor]:
         return self.maps
 
 
 def check_masks(model: Patchcore, datamodule: MVTecAD, device: torch.device) -> None:
     """Refine every test image with the default and the full-resolution layout; print how the masks differ."""
-    defaults = TestTimeSegmentation(backbone="model").refiner
+    defaults = TestTimeSegmentation(features="model").refiner
     model_features = ModelFeatures()
     model_features.setup(model)
     features = FixedFeatures()
@@ -302,10 +299,10 @@ def check_masks(model: Patchcore, datamodule: MVTecAD, device: torch.device) -> 
             outputs = model_step(model, trainer, batch, index)
             maps = raw_maps.take_unclipped(model.post_processor, outputs.anomaly_map.shape)
             maps = maps.reshape(maps.shape[0], *maps.shape[-2:])
-            features.maps = model_features(outputs.image)  # the test step's own features, from the hook
+            features.maps = model_features(Modalities(outputs.image))  # the test step's own features, from the hook
             seeds = path_seeds(outputs.image_path, device)
             for refiner, kept in zip(refiners, masks, strict=True):
-                kept.append(refiner(outputs.image, maps, outputs.pred_mask, 0.5, seeds).masks.cpu())
+                kept.append(refiner(Modalities(outputs.image), maps, outputs.pred_mask, 0.5, seeds).masks.cpu())
         truth.append(outputs.gt_mask.cpu())
     model_features.teardown()
     first, second, gt = (torch.cat(kept).flatten(1) for kept in (*masks, truth))
@@ -337,7 +334,7 @@ def main() -> None:
         "--classifier-args",
         type=json.loads,
         default=None,
-        help="the callback's classifier_args, e.g. '{\"projection\": 256}'",
+        help="arguments of the callback's LogisticRegression, e.g. '{\"projection\": 256}'",
     )
     arguments = parser.parse_args()
     device = torch.device("cuda" if arguments.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -19,7 +19,7 @@ import torch
 from anomalib_tts import TestTimeRefiner
 from anomalib_tts.classifiers import CLASSIFIERS
 from anomalib_tts.evaluation import segmentation_scores
-from anomalib_tts.features import TimmFeatures
+from anomalib_tts.features import FeatureSource, Modalities, TimmFeatures
 from anomalib_tts.pseudo_labels import LABELERS
 from anomalib_tts.sampling import path_seeds
 
@@ -31,14 +31,14 @@ RECIPES = {
 }
 
 
-class Precomputed:
-    """Feature provider over features computed once for the whole cache."""
+class Precomputed(FeatureSource):
+    """Feature source over features computed once for the whole cache: the images at ``index``."""
 
     def __init__(self, levels: list[torch.Tensor]) -> None:
         self.levels = levels
         self.index = slice(None)
 
-    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, inputs: Modalities) -> list[torch.Tensor]:
         return [level[self.index] for level in self.levels]
 
 
@@ -53,7 +53,8 @@ def cached_levels(cache: dict, layers: list[str] | None = None) -> list[torch.Te
     extractor = TimmFeatures(backbone=config["backbone"], layers=layers or config["layers"], pre_trained=True)
     inputs = model_inputs(cache)
     with torch.no_grad():
-        return [torch.cat(parts) for parts in zip(*(extractor(inputs[i : i + 16]) for i in range(0, len(inputs), 16)))]
+        batches = (extractor(Modalities(inputs[i : i + 16])) for i in range(0, len(inputs), 16))
+        return [torch.cat(parts) for parts in zip(*batches)]
 
 
 def unclipped_maps(cache: dict) -> tuple[torch.Tensor, float]:
@@ -84,7 +85,7 @@ def refine_all(
     for first in range(0, maps.shape[0], batch):
         index = slice(first, first + batch)
         features.index = index
-        result = refiner(None, maps[index], maps[index] > 0.5, 0.5, seeds[index])
+        result = refiner(Modalities(cache["image"][index]), maps[index], maps[index] > 0.5, 0.5, seeds[index])
         masks.append(result.masks)
         decisions.append(result.decision)
         outcomes.append(result.outcome)

@@ -28,7 +28,7 @@ from anomalib_tts import TestTimeSegmentation
 from anomalib_tts.classifiers import LogisticRegression
 from anomalib_tts.data import MVTec3D, make_mvtec3d_dataset
 from anomalib_tts.evaluation import MaskRecorder
-from anomalib_tts.features import TimmFeatures
+from anomalib_tts.features import Modalities, TimmFeatures
 from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures
 from anomalib_tts.metrics import f1_score
 from anomalib_tts.pseudo_labels import LABELERS
@@ -51,10 +51,10 @@ def simulated(arguments: argparse.Namespace, root: Path) -> dict[str, float]:
     rgb = TimmFeatures(arguments.backbone, layers=arguments.layers, pre_trained=not arguments.random_weights)
     refiner = TestTimeRefiner(LABELERS.get("relative")(), RgbdFeatures(rgb), LogisticRegression())
     seeds = torch.arange(len(truth))
-    rgb_only = refiner(batch.image, score_maps, score_maps > 0.5, 0.5, seeds).masks
-    with_geometry = refiner(batch.image, score_maps, score_maps > 0.5, 0.5, seeds, depth_maps=batch.depth_map).masks
+    rgb_only = refiner(Modalities(batch.image), score_maps, score_maps > 0.5, 0.5, seeds).masks
+    with_geometry = refiner(Modalities.from_batch(batch), score_maps, score_maps > 0.5, 0.5, seeds).masks
     start = time.perf_counter()
-    GeometryFeatures()(batch.image, batch.depth_map)
+    GeometryFeatures()(Modalities.from_batch(batch))
     geometry_ms = 1000 * (time.perf_counter() - start) / len(truth)
     return {
         "threshold": float(f1_score(score_maps > 0.5, truth).mean()),
@@ -83,7 +83,8 @@ def patchcore(arguments: argparse.Namespace, root: Path) -> dict[str, dict[str, 
         recorder = MaskRecorder()
         callbacks = [recorder]
         if geometry is not None:
-            callbacks.insert(0, TestTimeSegmentation(backbone="model", geometry=geometry))
+            features = "model" if geometry == "off" else RgbdFeatures("model", expect_depth=True)
+            callbacks.insert(0, TestTimeSegmentation(features=features))
         engine = Engine(default_root_dir=arguments.out_dir / "test", logger=False, callbacks=callbacks)
         (reported,) = engine.test(model, datamodule=datamodule)
         results[name] = {**recorder.records.scores(), "anomalib_pixel_F1Score": reported["pixel_F1Score"]}

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from anomalib_tts.features import FeaturePyramid, ModelFeatures, TimmFeatures, flat_to_grid
+from anomalib_tts.features import FeaturePyramid, Modalities, ModelFeatures, TimmFeatures, flat_to_grid
 
 
 def _levels() -> list[torch.Tensor]:
@@ -51,7 +51,7 @@ def test_timm_features_need_layers_for_unknown_backbones() -> None:
 
 def test_timm_features_random_weights_shapes() -> None:
     features = TimmFeatures(backbone="resnet18", pre_trained=False)
-    maps = features(torch.rand(2, 3, 64, 64))
+    maps = features(Modalities(torch.rand(2, 3, 64, 64)))
     assert [tuple(level.shape) for level in maps] == [(2, 128, 8, 8), (2, 256, 4, 4)]
 
 
@@ -77,7 +77,7 @@ def test_model_features_reuse_the_model_pass() -> None:
     expected = model(images)["layer1"]
     calls = []
     model.extractor.register_forward_hook(lambda *args: calls.append(1))
-    reused = features(images)
+    reused = features(Modalities(images))
     assert torch.equal(reused[0], expected)
     assert not calls  # no second pass
     features.teardown()

@@ -10,7 +10,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from anomalib_tts import TestTimeSegmentation
 from anomalib_tts.classifiers import LogisticRegression
-from anomalib_tts.features import FeaturePyramid, TimmFeatures, WeightedMaps
+from anomalib_tts.features import FeaturePyramid, FeatureSource, Modalities, TimmFeatures, WeightedMaps
 from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures, fill_missing, geometric_features
 from anomalib_tts.pseudo_labels import LABELERS
 from anomalib_tts.refiner import TestTimeRefiner
@@ -32,8 +32,14 @@ def _bump(amplitude: float, size: int = SIZE) -> torch.Tensor:
     return amplitude * torch.exp(-((rows - size / 2) ** 2 + (columns - size / 2) ** 2) / (2 * 5.0**2))
 
 
-def _identity(images: torch.Tensor) -> list[torch.Tensor]:
-    return [images]
+class _Colour(FeatureSource):
+    """The images themselves as the only feature level."""
+
+    def __call__(self, inputs: Modalities) -> list[torch.Tensor]:
+        return [inputs.image]
+
+
+_identity = _Colour()
 
 
 def test_normals_of_a_tilted_plane_are_the_analytic_normal_everywhere_and_it_has_no_curvature() -> None:
@@ -97,7 +103,7 @@ def test_fill_missing_keeps_measured_points_and_fills_inside_their_range() -> No
 
 def test_geometry_is_computed_at_the_image_resolution_with_zeros_for_empty_maps() -> None:
     depth = torch.cat((_surface(_bump(1e-3, size=64), size=64), torch.zeros(1, 3, 64, 64)))
-    (level,) = GeometryFeatures(scales=(1, 2))(torch.rand(2, 3, 32, 32), depth)
+    (level,) = GeometryFeatures(scales=(1, 2))(Modalities(torch.rand(2, 3, 32, 32), depth))
     assert level.shape == (2, 12, 32, 32)
     assert level[0].abs().sum() > 0
     assert not level[1].any()
@@ -105,7 +111,7 @@ def test_geometry_is_computed_at_the_image_resolution_with_zeros_for_empty_maps(
 
 def test_geometry_weight_scales_the_standardized_geometric_level() -> None:
     maps = RgbdFeatures(_identity, GeometryFeatures(scales=(2,)), geometry_weight=3.0)(
-        torch.rand(1, 3, SIZE, SIZE), _surface(_bump(1e-3))
+        Modalities(torch.rand(1, 3, SIZE, SIZE), _surface(_bump(1e-3)))
     )
     assert isinstance(maps, WeightedMaps)
     rgb_level, geometry_level = FeaturePyramid(maps).levels
@@ -128,7 +134,7 @@ def test_unusable_depth_falls_back_to_rgb_features(
 ) -> None:
     images = torch.rand(2, 3, SIZE, SIZE)
     with caplog.at_level(logging.WARNING, logger="anomalib_tts.geometry"):
-        maps = RgbdFeatures(_identity, expect_depth=expect_depth)(images, depth)
+        maps = RgbdFeatures(_identity, expect_depth=expect_depth)(Modalities(images, depth))
     assert len(maps) == 1
     assert torch.equal(maps[0], images)
     assert ("RGB features only" in caplog.text) == warned
@@ -138,7 +144,7 @@ def test_an_empty_depth_map_in_a_batch_gives_that_image_rgb_features_only(caplog
     images = torch.rand(2, 3, SIZE, SIZE)
     depth = torch.cat((_surface(_bump(1e-3)), torch.zeros(1, 3, SIZE, SIZE)))
     with caplog.at_level(logging.WARNING, logger="anomalib_tts.geometry"):
-        maps = RgbdFeatures(_identity)(images, depth)
+        maps = RgbdFeatures(_identity)(Modalities(images, depth))
     assert "1 of 2 images" in caplog.text
     _, geometry_level = FeaturePyramid(maps).levels
     assert geometry_level[0].abs().sum() > 0
@@ -154,8 +160,8 @@ def test_refinement_with_an_all_zero_depth_map_equals_rgb_refinement() -> None:
     refiner = TestTimeRefiner(
         LABELERS.get("nominal")(), RgbdFeatures(_identity, expect_depth=True), LogisticRegression()
     )
-    rgb = refiner(images, maps, maps > 0.5, 0.5, torch.arange(2))
-    zero_depth = refiner(images, maps, maps > 0.5, 0.5, torch.arange(2), depth_maps=torch.zeros(2, 3, SIZE, SIZE))
+    rgb = refiner(Modalities(images), maps, maps > 0.5, 0.5, torch.arange(2))
+    zero_depth = refiner(Modalities(images, torch.zeros(2, 3, SIZE, SIZE)), maps, maps > 0.5, 0.5, torch.arange(2))
     assert rgb.refined.all()
     assert torch.equal(zero_depth.masks, rgb.masks)
 
@@ -212,8 +218,8 @@ def test_rgb_cannot_refine_a_geometry_only_defect_and_rgb_plus_geometry_can(groo
     rgb = TimmFeatures("resnet18", pre_trained=False)
     refiner = TestTimeRefiner(LABELERS.get("relative")(), RgbdFeatures(rgb), LogisticRegression())
     seeds = torch.arange(len(images))
-    rgb_only = refiner(images, score_maps, thresholded, 0.5, seeds)
-    with_geometry = refiner(images, score_maps, thresholded, 0.5, seeds, depth_maps=depth)
+    rgb_only = refiner(Modalities(images), score_maps, thresholded, 0.5, seeds)
+    with_geometry = refiner(Modalities(images, depth), score_maps, thresholded, 0.5, seeds)
 
     assert rgb_only.refined.all() and with_geometry.refined.all()
     threshold_f1, rgb_f1, geometry_f1 = (_f1(m, truth) for m in (thresholded, rgb_only.masks, with_geometry.masks))
@@ -237,9 +243,9 @@ def test_anomalib_mvtec3d_depth_maps_reach_the_callback_in_engine_test(
             super().__init__()
             self.depth_maps: list[torch.Tensor] = []
 
-        def __call__(self, images: torch.Tensor, depth_maps: torch.Tensor) -> list[torch.Tensor]:
-            self.depth_maps.append(depth_maps.cpu())
-            return super().__call__(images, depth_maps)
+        def __call__(self, inputs: Modalities) -> list[torch.Tensor]:
+            self.depth_maps.append(inputs.depth_map.cpu())
+            return super().__call__(inputs)
 
     arguments = {"root": groove_root, "category": "texture3d", "num_workers": 0, "eval_batch_size": 16}
     model = Padim(
@@ -248,9 +254,8 @@ def test_anomalib_mvtec3d_depth_maps_reach_the_callback_in_engine_test(
         pre_trained=False,
         pre_processor=Padim.configure_pre_processor(image_size=(128, 128)),
     )
-    callback = TestTimeSegmentation(backbone="model", geometry="on")
     recorder = RecordingGeometry()
-    callback.refiner.features.geometry = recorder
+    callback = TestTimeSegmentation(features=RgbdFeatures("model", geometry=recorder, expect_depth=True))
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[callback])
     engine.fit(model, datamodule=MVTec3D(train_batch_size=8, **arguments))  # trains under pandas 3
     with caplog.at_level(logging.WARNING, logger="anomalib_tts.geometry"):

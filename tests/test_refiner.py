@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from anomalib_tts.classifiers import LinearSVM
+from anomalib_tts.features import FeatureSource, Modalities
 from anomalib_tts.pseudo_labels import NominalAware, RobustNominal
 from anomalib_tts.refiner import Outcome, TestTimeRefiner
 
@@ -22,8 +23,14 @@ def _scene(batch: int = 4, size: int = 48) -> tuple[torch.Tensor, torch.Tensor, 
     return images, maps, truth
 
 
-def _identity(images: torch.Tensor) -> list[torch.Tensor]:
-    return [images]
+class _Colour(FeatureSource):
+    """The images themselves as the only feature level."""
+
+    def __call__(self, inputs: Modalities) -> list[torch.Tensor]:
+        return [inputs.image]
+
+
+_identity = _Colour()
 
 
 def _f1(masks: torch.Tensor, truth: torch.Tensor) -> float:
@@ -35,7 +42,7 @@ def test_refined_masks_beat_the_threshold_and_keep_shape_and_dtype() -> None:
     images, maps, truth = _scene()
     thresholded = maps > 0.5
     refiner = TestTimeRefiner(NominalAware(), _identity, LinearSVM())
-    result = refiner(images, maps, thresholded, 0.5, torch.arange(4))
+    result = refiner(Modalities(images), maps, thresholded, 0.5, torch.arange(4))
     assert result.masks.shape == maps.shape
     assert result.masks.dtype == torch.bool
     assert result.refined.all()
@@ -48,7 +55,9 @@ def test_images_without_confident_defects_keep_their_mask() -> None:
     maps[1] = 0.3 * maps[1] / maps[1].max()  # no pixel above the nominal threshold
     original = torch.zeros_like(maps, dtype=torch.bool)
     original[1, 0, 0] = True
-    result = TestTimeRefiner(RobustNominal(), _identity, LinearSVM())(images, maps, original, 0.5, torch.arange(2))
+    result = TestTimeRefiner(RobustNominal(), _identity, LinearSVM())(
+        Modalities(images), maps, original, 0.5, torch.arange(2)
+    )
     assert result.outcome.tolist() == [Outcome.REFINED, Outcome.FEW_POSITIVES]
     assert torch.equal(result.masks[1], original[1])
 
@@ -57,14 +66,16 @@ def test_decision_values_are_the_soft_refined_mask_and_nan_where_the_mask_was_ke
     images, maps, _ = _scene(batch=2)
     maps[1] = 0.3 * maps[1] / maps[1].max()  # not refined
     original = torch.zeros_like(maps, dtype=torch.bool)
-    result = TestTimeRefiner(RobustNominal(), _identity, LinearSVM())(images, maps, original, 0.5, torch.arange(2))
+    result = TestTimeRefiner(RobustNominal(), _identity, LinearSVM())(
+        Modalities(images), maps, original, 0.5, torch.arange(2)
+    )
     assert result.decision.shape == maps.shape
     assert torch.isfinite(result.decision[0]).all()
     assert torch.equal(result.decision[0] > 0, result.masks[0])
     assert 0 < int((result.decision[0] > 0).sum()) < maps[0].numel()
     assert torch.isnan(result.decision[1]).all()
     unrefined = TestTimeRefiner(RobustNominal(), _identity, LinearSVM())(
-        images[1:], maps[1:], original[1:], 0.5, torch.arange(1)
+        Modalities(images[1:]), maps[1:], original[1:], 0.5, torch.arange(1)
     )
     assert torch.isnan(unrefined.decision).all()
 
@@ -74,7 +85,9 @@ def test_too_few_negatives_keeps_the_mask() -> None:
     maps[:] = 0.95
     maps[0, 0, :3] = 0.0
     original = torch.zeros_like(maps, dtype=torch.bool)
-    result = TestTimeRefiner(NominalAware(), _identity, LinearSVM())(images, maps, original, 0.5, torch.arange(1))
+    result = TestTimeRefiner(NominalAware(), _identity, LinearSVM())(
+        Modalities(images), maps, original, 0.5, torch.arange(1)
+    )
     assert result.outcome.tolist() == [Outcome.FEW_NEGATIVES]
     assert not result.masks.any()
 
@@ -83,7 +96,7 @@ def test_gating_leaves_ineligible_images_alone() -> None:
     images, maps, _ = _scene(batch=2)
     original = maps > 0.5
     refiner = TestTimeRefiner(NominalAware(), _identity, LinearSVM())
-    result = refiner(images, maps, original, 0.5, torch.arange(2), eligible=torch.tensor([False, True]))
+    result = refiner(Modalities(images), maps, original, 0.5, torch.arange(2), eligible=torch.tensor([False, True]))
     assert result.outcome.tolist() == [Outcome.GATED, Outcome.REFINED]
     assert torch.equal(result.masks[0], original[0])
 
@@ -92,11 +105,11 @@ def test_same_image_same_mask_whatever_the_batch() -> None:
     images, maps, _ = _scene()
     refiner = TestTimeRefiner(NominalAware(), _identity, LinearSVM(), max_positives=30, max_negatives=30)
     seeds = torch.tensor([7, 8, 9, 10])
-    first = refiner(images, maps, maps > 0.5, 0.5, seeds).masks
-    again = refiner(images, maps, maps > 0.5, 0.5, seeds).masks
+    first = refiner(Modalities(images), maps, maps > 0.5, 0.5, seeds).masks
+    again = refiner(Modalities(images), maps, maps > 0.5, 0.5, seeds).masks
     order = torch.tensor([3, 1, 0, 2])
-    shuffled = refiner(images[order], maps[order], maps[order] > 0.5, 0.5, seeds[order]).masks
-    alone = refiner(images[2:3], maps[2:3], maps[2:3] > 0.5, 0.5, seeds[2:3]).masks
+    shuffled = refiner(Modalities(images[order]), maps[order], maps[order] > 0.5, 0.5, seeds[order]).masks
+    alone = refiner(Modalities(images[2:3]), maps[2:3], maps[2:3] > 0.5, 0.5, seeds[2:3]).masks
     assert torch.equal(first, again)
     assert torch.equal(first[order], shuffled)
     assert torch.equal(first[2:3], alone)
@@ -106,12 +119,12 @@ def test_features_are_computed_only_when_an_image_is_refined() -> None:
     images, maps, _ = _scene(batch=2)
     calls = []
 
-    def features(batch: torch.Tensor) -> list[torch.Tensor]:
-        calls.append(batch.shape[0])
-        return [batch]
+    def features(inputs: Modalities) -> list[torch.Tensor]:
+        calls.append(inputs.image.shape[0])
+        return [inputs.image]
 
     refiner = TestTimeRefiner(NominalAware(), features, LinearSVM())
-    refiner(images, 0.2 * maps, maps > 2, 0.5, torch.arange(2))
+    refiner(Modalities(images), 0.2 * maps, maps > 2, 0.5, torch.arange(2))
     assert calls == []
 
 

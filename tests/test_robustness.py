@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from anomalib_tts import TestTimeSegmentation
 from anomalib_tts.classifiers import LinearSVM
-from anomalib_tts.features import TimmFeatures
+from anomalib_tts.features import Modalities, TimmFeatures
 from anomalib_tts.pseudo_labels import LABELERS, PeakRelative
 from anomalib_tts.refiner import Outcome, TestTimeRefiner
 
@@ -60,9 +60,7 @@ def _features() -> TimmFeatures:
 def _callback(**kwargs) -> TestTimeSegmentation:
     """A callback on the shared random-weight backbone, with small caps to keep the fits fast."""
     options = {"max_positives": 100, "max_negatives": 100, **kwargs}
-    callback = TestTimeSegmentation(backbone="resnet18", layers=["layer1"], pre_trained=False, **options)
-    callback.refiner.features = _features()
-    return callback
+    return TestTimeSegmentation(features=_features(), **options)
 
 
 # --- score maps with NaN / inf, constant maps, too few confident pixels ---------------------------------------
@@ -188,18 +186,20 @@ def test_grayscale_and_rgba_images_give_the_features_of_their_rgb_version() -> N
     rgb = torch.rand(2, 3, 32, 32)
     rgba = torch.cat((rgb, torch.rand(2, 1, 32, 32)), dim=1)
     for given_images, expected_images in ((gray, gray.expand(-1, 3, -1, -1)), (rgba, rgb)):
-        for level, expected in zip(features(given_images), features(expected_images), strict=True):
+        for level, expected in zip(
+            features(Modalities(given_images)), features(Modalities(expected_images)), strict=True
+        ):
             assert torch.equal(level, expected)
     with pytest.raises(ValueError, match="channels"):
-        features(torch.rand(2, 2, 32, 32))
+        features(Modalities(torch.rand(2, 2, 32, 32)))
 
 
 def test_normalization_is_decided_per_image_not_per_batch() -> None:
     features = _features()
     raw = torch.rand(1, 3, 32, 32)  # in [0, 1]: normalized by the provider
     normalized = torch.randn(1, 3, 32, 32)  # already normalized
-    alone = features(raw)
-    together = features(torch.cat((raw, normalized)))
+    alone = features(Modalities(raw))
+    together = features(Modalities(torch.cat((raw, normalized))))
     for level_alone, level_together in zip(alone, together, strict=True):
         assert torch.allclose(level_alone[0], level_together[0], atol=1e-5)
 
@@ -362,9 +362,9 @@ def test_half_precision_maps_and_features_are_refined_in_float32(device: str, dt
     def refine(score_maps: torch.Tensor, feature_dtype: torch.dtype, provided_dtype: torch.dtype) -> torch.Tensor:
         classifier = _Float32Spy()
         classifier.dtypes = []
-        provider = lambda x: [x.to(feature_dtype).to(provided_dtype)]  # noqa: E731
+        provider = lambda inputs: [inputs.image.to(feature_dtype).to(provided_dtype)]  # noqa: E731
         refiner = TestTimeRefiner(PeakRelative(), provider, classifier, max_positives=100, max_negatives=100)
-        result = refiner(images, score_maps, score_maps > 0.5, 0.5, seeds=torch.arange(3, device=device))
+        result = refiner(Modalities(images), score_maps, score_maps > 0.5, 0.5, seeds=torch.arange(3, device=device))
         assert classifier.dtypes == [torch.float32]
         assert bool(result.refined.all())
         assert result.masks.dtype == torch.bool and result.masks.device.type == device

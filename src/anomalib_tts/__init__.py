@@ -1,10 +1,26 @@
 """Test-time training for anomaly segmentation (TTT4AS) as an anomalib callback."""
 
 from anomalib_tts.callback import TestTimeSegmentation
-from anomalib_tts.classifiers import CLASSIFIERS, LinearSVM, LogisticRegression
-from anomalib_tts.features import FEATURES, FeaturePyramid, ModelFeatures, TimmFeatures
+from anomalib_tts.classifiers import (
+    CLASSIFIERS,
+    Decision,
+    LinearClassifier,
+    LinearDecision,
+    LinearSVM,
+    LogisticRegression,
+    PixelClassifier,
+)
+from anomalib_tts.features import FEATURES, FeaturePyramid, FeatureSource, Modalities, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures
-from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PercentilePeaks, PseudoLabels, RobustNominal
+from anomalib_tts.pseudo_labels import (
+    LABELERS,
+    NominalAware,
+    PeakRelative,
+    PercentilePeaks,
+    PseudoLabeler,
+    PseudoLabels,
+    RobustNominal,
+)
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
 from anomalib_tts.writer import MaskWriter
 
@@ -12,15 +28,23 @@ __all__ = [
     "CLASSIFIERS",
     "FEATURES",
     "LABELERS",
+    "Decision",
     "FeaturePyramid",
+    "FeatureSource",
     "GeometryFeatures",
+    "LinearClassifier",
+    "LinearDecision",
     "LinearSVM",
     "LogisticRegression",
     "MaskWriter",
+    "Modalities",
     "ModelFeatures",
     "NominalAware",
     "Outcome",
+    "PeakRelative",
     "PercentilePeaks",
+    "PixelClassifier",
+    "PseudoLabeler",
     "PseudoLabels",
     "Refinement",
     "RgbdFeatures",

@@ -2,26 +2,31 @@
 
 import logging
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
-from typing_extensions import override
+from typing_extensions import Self, override
 
-from anomalib_tts.classifiers import CLASSIFIERS
-from anomalib_tts.features import FeatureProvider, ModelFeatures, TimmFeatures
+from anomalib_tts.classifiers import CLASSIFIERS, PixelClassifier
+from anomalib_tts.features import FEATURES, FeatureSource, Modalities, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import RgbdFeatures
 from anomalib_tts.placement import place_callback, remove_callbacks
-from anomalib_tts.pseudo_labels import LABELERS
+from anomalib_tts.pseudo_labels import LABELERS, PseudoLabeler
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
+from anomalib_tts.registry import Registry
 from anomalib_tts.sampling import content_seeds, path_seeds
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PSEUDO_LABELS = "relative"  # chosen by examples/choose_pseudo_labels.py, see the README
+DEFAULT_FEATURES = "rgbd"  # WideResNet-50 (the paper's), with geometric features where a batch has a depth_map
+DEFAULT_CLASSIFIER = "logistic"  # chosen on both real datasets of the README
+T = TypeVar("T")
 STAGES = ("test", "predict", "validate")
 WARNED_OUTCOMES = (Outcome.FEW_NEGATIVES, Outcome.FIT_FAILED, Outcome.FEW_VALID)  # should have refined, could not
 
@@ -146,23 +151,25 @@ class TestTimeSegmentation(Callback):
     """Replaces anomalib's thresholded ``pred_mask`` by a per-image classifier trained at test time (TTT4AS).
 
     For each image, confidently defective and confidently normal pixels are taken from the normalized score
-    map, frozen backbone features are read at those pixels, a linear classifier is fitted on them (all images of
-    a batch at once, on the batch's device), and every pixel is classified. The callback places itself right
-    after the model's PostProcessor, so anomalib's Evaluator, Visualizer and returned predictions all see the
-    refined masks. Images it cannot refine (no confident defect, too few normal pixels) keep their mask.
+    map (the pseudo-label recipe), pixel features of the batch are read at those pixels (the feature source), a
+    classifier is fitted on them (all images of a batch at once, on the batch's device), and every pixel is
+    classified. The callback places itself right after the model's PostProcessor, so anomalib's Evaluator,
+    Visualizer and returned predictions all see the refined masks. Images it cannot refine (no confident defect,
+    too few normal pixels) keep their mask.
+
+    Each of the three components is a registered name or an object; in YAML, ``class_path`` + ``init_args``, so
+    that ``--print_config`` lists its options.
 
     Args:
-        pseudo_labels: Pseudo-label recipe: ``"relative"`` (default), ``"robust"``, ``"nominal"`` or
-            ``"percentile"`` (the paper's).
-        pseudo_label_args: Keyword arguments of the recipe (e.g. ``{"positive_margin": 0.1}``).
-        backbone: timm backbone for pixel features, or ``"model"`` to reuse the anomalib model's own
-            ``TimmFeatureExtractor`` output (no second forward pass).
-        layers: Backbone layers; ``None`` picks the usual ones for known backbones.
-        pre_trained: Load pretrained backbone weights (timm / Hugging Face cache).
-        weights: Local state dict file for the backbone, for machines without network access.
-        classifier: ``"logistic"`` (default: logistic regression, chosen on both real datasets of the README) or
-            ``"svm"`` (linear SVM, squared hinge, the paper's classifier).
-        classifier_args: Keyword arguments of the classifier (``l2``, ``solver``, ``max_iter``).
+        pseudo_labels: Pseudo-label recipe (:mod:`anomalib_tts.pseudo_labels`): ``"relative"`` (default,
+            ``PeakRelative``), ``"robust"``, ``"nominal"``, ``"percentile"`` (the paper's), or a recipe object.
+        features: Pixel-feature source (:mod:`anomalib_tts.features`): ``"rgbd"`` (default, ``RgbdFeatures()``: a
+            WideResNet-50 as in the paper, with geometric features of the batch's ``depth_map`` where it has one),
+            ``"model"`` (``ModelFeatures``: the anomalib model's own ``TimmFeatureExtractor`` output, no second
+            forward pass), ``"timm"``, ``"geometry"``, or a source object (e.g. ``TimmFeatures(backbone=...)``).
+        classifier: Per-image classifier (:mod:`anomalib_tts.classifiers`): ``"logistic"`` (default,
+            ``LogisticRegression``, chosen on both real datasets of the README), ``"svm"`` (``LinearSVM``, squared
+            hinge, the paper's), or a classifier object.
         gate: ``"none"`` refines every image whose map has confident defect pixels; ``"pred_label"`` refines
             only images anomalib labels anomalous.
         max_positives: Cap on positives sampled per image.
@@ -170,15 +177,27 @@ class TestTimeSegmentation(Callback):
         min_positives: Fewer confident positives: the image keeps its mask.
         min_negatives: Fewer confident negatives: the image keeps its mask.
         stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"``.
-        geometry: Geometric pixel features from the batch's organized point cloud (``depth_map``, e.g. anomalib's
-            ``MVTec3D``) next to the backbone's: ``"auto"`` uses them whenever a batch carries one, ``"on"`` also
-            warns when it does not, ``"off"`` never uses them. Empty depth maps fall back to RGB, with a warning.
-        geometry_weight: Weight of the (standardized) geometric features relative to the backbone's (> 0).
+        pseudo_label_args: Deprecated: keyword arguments of a recipe given by name; pass the recipe object.
+        classifier_args: Deprecated: keyword arguments of a classifier given by name; pass the classifier object.
+        backbone: Deprecated, with ``layers``, ``pre_trained``, ``weights``, ``geometry`` and
+            ``geometry_weight``: they configure the default feature source; pass ``features`` instead
+            (``"model"``, ``TimmFeatures(backbone, layers, pre_trained, weights)``,
+            ``RgbdFeatures(rgb, geometry_weight=..., expect_depth=True)``).
+        layers: Deprecated, see ``backbone``.
+        pre_trained: Deprecated, see ``backbone``.
+        weights: Deprecated, see ``backbone``.
+        geometry: Deprecated, see ``backbone``: ``"auto"`` (``RgbdFeatures``), ``"on"`` (``RgbdFeatures`` with
+            ``expect_depth=True``), ``"off"`` (the RGB source alone).
+        geometry_weight: Deprecated, see ``backbone``.
 
     Example:
         >>> from anomalib.engine import Engine
         >>> from anomalib.models import Patchcore
-        >>> engine = Engine(callbacks=[TestTimeSegmentation()])  # doctest: +SKIP
+        >>> from anomalib_tts.classifiers import LinearSVM
+        >>> callback = TestTimeSegmentation(features="model", classifier=LinearSVM(l2=0.5))
+        >>> type(callback.refiner.features).__name__, callback.refiner.classifier.l2
+        ('ModelFeatures', 0.5)
+        >>> engine = Engine(callbacks=[callback])  # doctest: +SKIP
         >>> engine.test(Patchcore(), datamodule=datamodule)  # doctest: +SKIP
 
         In an anomalib YAML::
@@ -187,62 +206,103 @@ class TestTimeSegmentation(Callback):
               callbacks:
                 - class_path: anomalib_tts.TestTimeSegmentation
                   init_args:
-                    backbone: wide_resnet50_2
+                    pseudo_labels:
+                      class_path: anomalib_tts.PeakRelative
+                      init_args:
+                        positive_fraction: 0.5
+                    features:
+                      class_path: anomalib_tts.ModelFeatures
+                    classifier:
+                      class_path: anomalib_tts.LogisticRegression
     """
+
+    __test__ = False  # not a pytest test class
 
     def __init__(
         self,
-        pseudo_labels: str = DEFAULT_PSEUDO_LABELS,
-        pseudo_label_args: dict[str, Any] | None = None,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] | None = None,
-        pre_trained: bool = True,
-        weights: str | None = None,
-        classifier: str = "logistic",
-        classifier_args: dict[str, Any] | None = None,
+        pseudo_labels: str | PseudoLabeler = DEFAULT_PSEUDO_LABELS,
+        features: str | FeatureSource = DEFAULT_FEATURES,
+        classifier: str | PixelClassifier = DEFAULT_CLASSIFIER,
         gate: Literal["none", "pred_label"] = "none",
         max_positives: int = 1000,
         max_negatives: int = 1000,
         min_positives: int = 10,
         min_negatives: int = 10,
         stages: Sequence[str] = ("test", "predict"),
-        geometry: Literal["auto", "off", "on"] = "auto",
-        geometry_weight: float = 1.0,
+        pseudo_label_args: dict[str, Any] | None = None,
+        classifier_args: dict[str, Any] | None = None,
+        backbone: str | None = None,
+        layers: Sequence[str] | None = None,
+        pre_trained: bool | None = None,
+        weights: str | None = None,
+        geometry: Literal["auto", "off", "on"] | None = None,
+        geometry_weight: float | None = None,
     ) -> None:
         super().__init__()
         if gate not in {"none", "pred_label"}:
             msg = f"gate must be 'none' or 'pred_label', got {gate!r}"
             raise ValueError(msg)
-        if geometry not in {"auto", "off", "on"}:
-            msg = f"geometry must be 'auto', 'off' or 'on', got {geometry!r}"
-            raise ValueError(msg)
         unknown_stages = sorted(set(stages) - set(STAGES))
         if unknown_stages:
             msg = f"stages must be among {STAGES}, got {unknown_stages}"
             raise ValueError(msg)
-        labeler = _build(LABELERS.get(pseudo_labels), pseudo_label_args, "pseudo_label_args")
-        pixel_classifier = _build(CLASSIFIERS.get(classifier), classifier_args, "classifier_args")
-        features: FeatureProvider
-        if backbone == "model":
-            features = ModelFeatures()
-        else:
-            features = TimmFeatures(backbone=backbone, layers=layers, pre_trained=pre_trained, weights=weights)
+        feature_options = {
+            "backbone": backbone,
+            "layers": layers,
+            "pre_trained": pre_trained,
+            "weights": weights,
+            "geometry": geometry,
+            "geometry_weight": geometry_weight,
+        }
+        given = {name: value for name, value in feature_options.items() if value is not None}
+        if given:
+            if features != DEFAULT_FEATURES:
+                msg = f"{sorted(given)} configure the default feature source; with features={features!r} leave them out"
+                raise ValueError(msg)
+            features = _features_from_deprecated_options(**feature_options)
         self.refiner = TestTimeRefiner(
-            labeler,
-            RgbdFeatures(features, geometry_weight=geometry_weight, expect_depth=geometry == "on"),
-            pixel_classifier,
+            _component(LABELERS, pseudo_labels, pseudo_label_args, "pseudo_label_args"),
+            FEATURES.create(features),
+            _component(CLASSIFIERS, classifier, classifier_args, "classifier_args"),
             max_positives=max_positives,
             max_negatives=max_negatives,
             min_positives=min_positives,
             min_negatives=min_negatives,
         )
         self.gate = gate
-        self.geometry = geometry
         self.stages = tuple(stages)
         self.nominal_threshold = 0.5
         self.stats = RefinementStats()
         self._post_processor: Any = None
         self._raw_maps = RawMapKeeper()
+
+    @classmethod
+    def from_init_args(cls, init_args: Mapping[str, Any]) -> Self:
+        """The callback ``init_args`` describe, built as anomalib's CLI builds a ``trainer.callbacks`` entry.
+
+        Components may be registered names, objects, or ``class_path`` + ``init_args`` mappings (jsonargparse
+        instantiates them, and checks every value against the signatures).
+
+        Raises:
+            ValueError: An argument does not fit; the message names it.
+
+        Example:
+            >>> callback = TestTimeSegmentation.from_init_args(
+            ...     {"classifier": {"class_path": "anomalib_tts.LinearSVM", "init_args": {"l2": 0.5}}}
+            ... )
+            >>> type(callback.refiner.classifier).__name__, callback.refiner.classifier.l2
+            ('LinearSVM', 0.5)
+        """
+        from argparse import ArgumentError
+
+        from jsonargparse import ArgumentParser
+
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "callback")
+        try:
+            return parser.instantiate_classes(parser.parse_object({"callback": dict(init_args)})).callback
+        except ArgumentError as error:
+            raise ValueError(str(error)) from error
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -261,9 +321,7 @@ class TestTimeSegmentation(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        release = getattr(self.refiner.features, "teardown", None)
-        if release is not None:
-            release()
+        self.refiner.features.teardown()
 
     def _place_after_post_processor(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Move this callback right after the PostProcessor (else before the Evaluator / Visualizer, else last)."""
@@ -278,9 +336,7 @@ class TestTimeSegmentation(Callback):
 
     def remove_from(self, trainer: Trainer) -> None:
         """Take this callback and the raw-map keeper it placed out of ``trainer.callbacks``; release its features."""
-        teardown = getattr(self.refiner.features, "teardown", None)
-        if teardown is not None:
-            teardown()
+        self.refiner.features.teardown()
         remove_callbacks(trainer, [self, self._raw_maps])
 
     @override
@@ -354,8 +410,9 @@ class TestTimeSegmentation(Callback):
         if self.gate == "pred_label" and getattr(batch, "pred_label", None) is not None:
             eligible = batch.pred_label.reshape(-1).bool()
 
-        depth_maps = None if self.geometry == "off" else getattr(batch, "depth_map", None)
-        result = self.refiner(batch.image, score_maps, original, self.nominal_threshold, seeds, eligible, depth_maps)
+        result = self.refiner(
+            Modalities.from_batch(batch), score_maps, original, self.nominal_threshold, seeds, eligible
+        )
         batch.pred_mask = result.masks.reshape(original.shape)
         self.stats.update(result, time.perf_counter() - start)
         self._warn_kept(result, paths)
@@ -371,9 +428,60 @@ class TestTimeSegmentation(Callback):
             logger.warning("test-time segmentation kept anomalib's mask for %s (%s)", name, reason)
 
 
-def _build(cls: type, kwargs: dict[str, Any] | None, argument: str) -> Any:
+def _component(registry: Registry[T], component: Any, deprecated_args: dict[str, Any] | None, argument: str) -> T:
+    """A component from its name or itself; ``deprecated_args`` (a ``*_args`` dict) go with a name only."""
+    if deprecated_args is None:
+        return registry.create(component)
+    if not isinstance(component, str):
+        msg = f"{argument} goes with a {registry.kind} given by name; pass the arguments to {component!r} itself"
+        raise ValueError(msg)
+    cls = registry.get(component)
+    warnings.warn(
+        f"{argument} is deprecated: pass the {registry.kind} as an object, e.g. {cls.__name__}(**{deprecated_args!r}) "
+        f"(in YAML: class_path: anomalib_tts.{cls.__name__} with init_args)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     try:
-        return cls(**(kwargs or {}))
+        return cls(**deprecated_args)
     except TypeError as error:
         msg = f"{argument} does not fit {cls.__name__}: {error}"
         raise ValueError(msg) from error
+
+
+def _features_from_deprecated_options(
+    backbone: str | None,
+    layers: Sequence[str] | None,
+    pre_trained: bool | None,
+    weights: str | None,
+    geometry: str | None,
+    geometry_weight: float | None,
+) -> FeatureSource:
+    """The feature source the deprecated ``backbone`` ... ``geometry_weight`` arguments described."""
+    geometry = geometry or "auto"
+    if geometry not in {"auto", "off", "on"}:
+        msg = f"geometry must be 'auto', 'off' or 'on', got {geometry!r}"
+        raise ValueError(msg)
+    rgb: FeatureSource
+    if backbone == "model":
+        rgb, replacement = ModelFeatures(), "'model'"
+    else:
+        rgb = TimmFeatures(
+            backbone=backbone or "wide_resnet50_2",
+            layers=layers,
+            pre_trained=True if pre_trained is None else pre_trained,
+            weights=weights,
+        )
+        replacement = f"TimmFeatures(backbone={rgb.backbone!r}, layers={list(rgb.layers)!r}, ...)"
+    features: FeatureSource = rgb
+    if geometry != "off":
+        weight = 1.0 if geometry_weight is None else geometry_weight
+        features = RgbdFeatures(rgb, geometry_weight=weight, expect_depth=geometry == "on")
+        replacement = f"RgbdFeatures({replacement}, geometry_weight={weight}, expect_depth={geometry == 'on'})"
+    warnings.warn(
+        "backbone, layers, pre_trained, weights, geometry and geometry_weight are deprecated: pass "
+        f"features={replacement} (in YAML: class_path + init_args; features='model' on data without depth maps)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return features

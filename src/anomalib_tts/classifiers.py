@@ -25,7 +25,6 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -110,15 +109,18 @@ class LinearDecision(Decision):
         return pyramid.project(self.weight, size) + self.bias[:, None, None]
 
 
-class PixelClassifier(Protocol):
-    """Protocol of a per-image classifier."""
+class PixelClassifier(ABC):
+    """Base of the per-image classifiers: a new classifier is one subclass (in YAML: its ``class_path``)."""
 
+    @abstractmethod
     def fit(self, features: Tensor, labels: Tensor, valid: Tensor) -> Decision:
-        """Fit one model per image on ``(B, N, C)`` features, ``(B, N)`` labels in {+1, -1}, ``(B, N)`` validity."""
-        ...
+        """Fit one model per image on ``(B, N, C)`` features, ``(B, N)`` labels in {+1, -1}, ``(B, N)`` validity.
+
+        Invalid samples must not count; an image whose model cannot be used is marked in ``Decision.fitted``.
+        """
 
 
-CLASSIFIERS: Registry[PixelClassifier] = Registry("classifier")
+CLASSIFIERS: Registry[PixelClassifier] = Registry("classifier", methods=("fit",))
 
 
 def balanced_weights(labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,7 +178,7 @@ def _weighted_gram(transposed: Tensor, sample_weights: Tensor) -> Tensor:
     return gram
 
 
-class LinearClassifier:
+class LinearClassifier(PixelClassifier):
     """Base of the linear classifiers: the batched solvers of :data:`SOLVERS`; a subclass gives the loss.
 
     A subclass sets ``curvature`` and ``narrow_solver`` and implements :meth:`loss`, :meth:`loss_derivative` and

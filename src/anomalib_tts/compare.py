@@ -128,11 +128,12 @@ class DatasetSpec:
 
 @dataclass
 class RefinementSpec:
-    """A refinement setting: keyword arguments of :class:`TestTimeSegmentation`.
+    """A refinement setting: init args of :class:`TestTimeSegmentation`, as under ``trainer.callbacks`` in YAML.
 
     Args:
         name: Its name in the results.
-        args: e.g. ``{"pseudo_labels": "percentile", "backbone": "model", "classifier": "logistic"}``.
+        args: e.g. ``{"pseudo_labels": "percentile", "features": "model", "classifier": {"class_path":
+            "anomalib_tts.LinearSVM", "init_args": {"l2": 0.5}}}``.
 
     Example:
         >>> RefinementSpec(name="paper recipe", args={"pseudo_labels": "percentile"}).build().gate
@@ -148,7 +149,7 @@ class RefinementSpec:
     def build(self) -> TestTimeSegmentation:
         """The callback of this setting; ``ValueError`` naming the setting if ``args`` do not fit."""
         try:
-            return TestTimeSegmentation(**self.args)
+            return TestTimeSegmentation.from_init_args(self.args)
         except (TypeError, ValueError) as error:
             msg = f"refinement {self.name!r}: args={self.args} do not fit TestTimeSegmentation: {error}"
             raise ValueError(msg) from error
@@ -358,7 +359,7 @@ def recorded_batches(run: TestRun, batch_size: int, device: torch.device) -> Ite
 def refine_recorded(spec: RefinementSpec, model: Any, run: TestRun, batch_size: int) -> tuple[Tensor, dict[str, Any]]:
     """Refine every recorded test image with ``spec``, as the callback would have in the test loop.
 
-    The callback's ``refine_batch`` runs on the recorded batches; with ``backbone: model`` the features come
+    The callback's ``refine_batch`` runs on the recorded batches; with ``features: model`` the features come
     from the model's own extractor, run on the recorded images.
 
     Returns:

@@ -109,7 +109,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
     options = {"pseudo_labels": config.pseudo_labels} if config.pseudo_labels else {}
     runs = {
         "threshold (anomalib)": [],
-        "refined (anomalib-tts)": [TestTimeSegmentation(backbone="model", **options)],
+        "refined (anomalib-tts)": [TestTimeSegmentation(features="model", **options)],
     }
     scores: dict[str, dict[str, float]] = {}
     image_dirs = {}

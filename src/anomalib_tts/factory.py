@@ -6,8 +6,8 @@ environment variable ``ANOMALIB_TTS_CONFIG`` names a YAML file with the callback
 
 .. code-block:: yaml
 
-    # the callback's init args
-    backbone: model
+    # the callback's init args (components as names, or class_path + init_args)
+    features: model
     gate: none
 
 .. code-block:: yaml
@@ -15,7 +15,7 @@ environment variable ``ANOMALIB_TTS_CONFIG`` names a YAML file with the callback
     # or the entry as it is written under trainer.callbacks (class_path: a TestTimeSegmentation subclass)
     class_path: anomalib_tts.TestTimeSegmentation
     init_args:
-      backbone: model
+      features: model
 
 Example:
     .. code-block:: bash
@@ -73,7 +73,7 @@ def load_callback(path: str | Path) -> TestTimeSegmentation:
     Example:
         >>> import tempfile
         >>> with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
-        ...     _ = file.write("backbone: model\\nmax_positives: 500\\n")
+        ...     _ = file.write("features: model\\nmax_positives: 500\\n")
         >>> load_callback(file.name).refiner.max_positives
         500
     """
@@ -95,7 +95,7 @@ def load_callback(path: str | Path) -> TestTimeSegmentation:
         msg = f"{path}: init_args must be a mapping, got {init_args!r}"
         raise ValueError(msg)
     try:
-        return cls(**init_args)
+        return cls.from_init_args(init_args)
     except (TypeError, ValueError) as error:
         msg = f"{path} (named by {CONFIG_VARIABLE}) does not fit {cls.__name__}: {error}"
         raise ValueError(msg) from error

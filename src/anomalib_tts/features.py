@@ -1,16 +1,18 @@
 """Pixel features: frozen backbone feature maps, standardized per image, read at any pixel.
 
-A provider turns a batch of images into a list of feature maps (one per layer, any resolution). The
-:class:`FeaturePyramid` standardizes them per image and channel and serves the two operations the rest of the
-pipeline needs: reading features at sampled pixel coordinates (bilinear, for fitting) and projecting a linear
-classifier onto every pixel. The projection is computed at each layer's own resolution and only the resulting
-score map is upsampled, which equals classifying bilinearly upsampled features (both operations are linear)
-without ever building full-resolution feature maps.
+A :class:`FeatureSource` turns a batch's :class:`Modalities` (its images, and depth maps where the data has them)
+into a list of feature maps (one per layer, any resolution). The :class:`FeaturePyramid` standardizes them per
+image and channel and serves the two operations the rest of the pipeline needs: reading features at sampled
+pixel coordinates (bilinear, for fitting) and projecting a linear classifier onto every pixel. The projection is
+computed at each layer's own resolution and only the resulting score map is upsampled, which equals classifying
+bilinearly upsampled features (both operations are linear) without ever building full-resolution feature maps.
 """
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -130,19 +132,56 @@ class FeaturePyramid:
         return score
 
 
-class FeatureProvider(Protocol):
-    """Protocol of a pixel-feature source."""
+@dataclass
+class Modalities:
+    """What a batch shows of its images, handed to a feature source in one piece.
+
+    Attributes:
+        image: ``(B, C, H, W)`` model input images (normalized as the pre-processor leaves them).
+        depth_map: ``(B, 3, H', W')`` organized XYZ point clouds (anomalib's ``MVTec3D``, ``Folder3D``), or ``None``.
+
+    Example:
+        >>> from anomalib.data import ImageBatch
+        >>> inputs = Modalities.from_batch(ImageBatch(image=torch.zeros(2, 3, 8, 8)))
+        >>> inputs.image.shape, inputs.depth_map
+        (torch.Size([2, 3, 8, 8]), None)
+    """
+
+    image: Tensor
+    depth_map: Tensor | None = None
+
+    @classmethod
+    def from_batch(cls, batch: Any) -> "Modalities":
+        """The modalities an anomalib batch carries (``image``, and ``depth_map`` where it has one)."""
+        return cls(image=batch.image, depth_map=getattr(batch, "depth_map", None))
+
+
+class FeatureSource(ABC):
+    """Base of the pixel-feature sources: a new source is one subclass (in YAML: its ``class_path``).
+
+    ``setup`` and ``teardown`` do nothing unless a source overrides them.
+
+    Example:
+        >>> class Colour(FeatureSource):
+        ...     def __call__(self, inputs: Modalities) -> list[Tensor]:
+        ...         return [inputs.image]
+        >>> [level.shape[1] for level in Colour()(Modalities(torch.rand(2, 3, 8, 8)))]
+        [3]
+    """
 
     def setup(self, pl_module: LightningModule | None) -> None:
         """Prepare for a run of ``pl_module`` (``None`` outside Lightning); raise ``ValueError`` if unusable."""
-        ...
+        del pl_module
 
-    def __call__(self, images: Tensor) -> list[Tensor]:
-        """Feature maps ``(B, C_l, h_l, w_l)`` of a batch of ``(B, 3, H, W)`` images."""
-        ...
+    def teardown(self) -> None:
+        """Release what ``setup`` acquired (hooks on the model, ...)."""
+
+    @abstractmethod
+    def __call__(self, inputs: Modalities) -> list[Tensor]:
+        """Feature maps ``(B, C_l, h_l, w_l)`` of a batch, at any resolution each."""
 
 
-FEATURES: Registry[FeatureProvider] = Registry("feature provider")
+FEATURES: Registry[FeatureSource] = Registry("feature source", methods=("setup", "teardown", "__call__"))
 
 
 class MissingWeightsError(RuntimeError):
@@ -225,7 +264,7 @@ def _check_timm_name(backbone: str) -> None:
     if ":" not in backbone and not timm.is_model(backbone):
         msg = (
             f"unknown backbone {backbone!r}: not a timm model name (see timm.list_models()); pass a timm model "
-            "and its layers, or backbone='model' to reuse the anomalib model's features"
+            "and its layers, or use features='model' (ModelFeatures) to reuse the anomalib model's features"
         )
         raise ValueError(msg)
 
@@ -236,7 +275,7 @@ def _looks_like_download_error(error: Exception) -> bool:
 
 
 @FEATURES.register("timm")
-class TimmFeatures:
+class TimmFeatures(FeatureSource):
     """A separate frozen timm backbone (``features_only``), run on the batch's images.
 
     Images are expected normalized as anomalib's pre-processors leave them (ImageNet mean/std); an image that
@@ -248,6 +287,11 @@ class TimmFeatures:
         layers: Layers to read; ``None`` picks the usual ones for known backbones.
         pre_trained: Load pretrained weights (from the timm / Hugging Face cache).
         weights: Path of a local state dict to load instead of downloading.
+
+    Example:
+        >>> features = TimmFeatures("resnet18", layers=["layer1"], pre_trained=False)
+        >>> [tuple(level.shape) for level in features(Modalities(torch.rand(2, 3, 64, 64)))]
+        [(2, 64, 16, 16)]
     """
 
     def __init__(
@@ -270,15 +314,16 @@ class TimmFeatures:
         self._extractor: nn.Module | None = None
 
     def setup(self, pl_module: LightningModule | None) -> None:
+        """Create the backbone (once; loading weights), so that a run fails early when they are missing."""
         del pl_module
         if self._extractor is None:
             self._extractor = create_backbone(self.backbone, self.layers, self.pre_trained, self.weights)
 
-    def __call__(self, images: Tensor) -> list[Tensor]:
+    def __call__(self, inputs: Modalities) -> list[Tensor]:
         self.setup(None)
         assert self._extractor is not None
-        self._extractor.to(images.device)
-        images = as_rgb(images).float()
+        self._extractor.to(inputs.image.device)
+        images = as_rgb(inputs.image).float()
         # decided per image, so that an image's features never depend on the batch it came in
         unnormalized = (images.amin(dim=(1, 2, 3)) >= 0) & (images.amax(dim=(1, 2, 3)) <= 1)
         mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
@@ -289,12 +334,20 @@ class TimmFeatures:
 
 
 @FEATURES.register("model")
-class ModelFeatures:
+class ModelFeatures(FeatureSource):
     """Reuses the anomalib model's own ``TimmFeatureExtractor`` output for the same batch (no second pass).
 
     A forward hook keeps the features the model computed during its test/predict step; the callback reads
     them right after. If the hook has nothing for the batch (e.g. the model was not run on these images),
     the extractor is run once on the images.
+
+    Example:
+        >>> from anomalib.models import Padim
+        >>> features = ModelFeatures()
+        >>> features.setup(Padim(backbone="resnet18", layers=["layer1", "layer2"], pre_trained=False))
+        >>> [level.shape[1] for level in features(Modalities(torch.rand(1, 3, 32, 32)))]
+        [64, 128]
+        >>> features.teardown()
     """
 
     def __init__(self) -> None:
@@ -303,17 +356,18 @@ class ModelFeatures:
         self._cached: list[Tensor] | None = None
 
     def setup(self, pl_module: LightningModule | None) -> None:
+        """Hook the model's ``TimmFeatureExtractor``; ``ValueError`` naming what to use when it has none."""
         from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 
         if pl_module is None:
-            msg = "backbone='model' needs an anomalib model; use a timm backbone name outside Lightning"
+            msg = "ModelFeatures needs an anomalib model; use TimmFeatures(backbone=...) outside Lightning"
             raise ValueError(msg)
         extractors = [module for module in pl_module.modules() if isinstance(module, TimmFeatureExtractor)]
         if not extractors:
             msg = (
-                f"backbone='model' needs an anomalib model with a TimmFeatureExtractor (PatchCore, PaDiM, ...); "
-                f"{type(pl_module).__name__} has none: pass a timm backbone name instead, e.g. "
-                "backbone='wide_resnet50_2'"
+                f"ModelFeatures (features='model') needs an anomalib model with a TimmFeatureExtractor (PatchCore, "
+                f"PaDiM, ...); {type(pl_module).__name__} has none: run a timm backbone instead, e.g. "
+                "features=TimmFeatures(backbone='wide_resnet50_2')"
             )
             raise ValueError(msg)
         if self._extractor is extractors[0] and self._hook is not None:
@@ -334,10 +388,11 @@ class ModelFeatures:
         self._extractor = None
         self._cached = None
 
-    def __call__(self, images: Tensor) -> list[Tensor]:
+    def __call__(self, inputs: Modalities) -> list[Tensor]:
         if self._extractor is None:
             msg = "ModelFeatures.setup(pl_module) must be called first"
             raise RuntimeError(msg)
+        images = inputs.image
         cached, self._cached = self._cached, None
         if cached is not None and cached[0].shape[0] == images.shape[0]:
             return cached

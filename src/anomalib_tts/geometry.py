@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from anomalib_tts.features import FEATURES, FeatureProvider, WeightedMaps
+from anomalib_tts.features import FEATURES, FeatureSource, Modalities, WeightedMaps
 
 logger = logging.getLogger(__name__)
 
@@ -158,18 +158,19 @@ def geometric_features(depth_maps: Tensor, size: tuple[int, int], scales: Sequen
 
 
 @FEATURES.register("geometry")
-class GeometryFeatures:
+class GeometryFeatures(FeatureSource):
     """Geometric pixel features of the batch's organized point clouds (see :func:`geometric_features`).
 
     Computed at the images' resolution: the depth map is resampled to the model input size, which assumes the
-    pre-processor only resizes (as anomalib's default for ``MVTec3D`` does), no crop.
+    pre-processor only resizes (as anomalib's default for ``MVTec3D`` does), no crop. Batches without a depth map
+    are an error; :class:`RgbdFeatures` uses these features where a batch has one.
 
     Args:
         scales: Box radii in pixels of the model input, one feature block per radius.
 
     Example:
         >>> features = GeometryFeatures(scales=(2, 4))
-        >>> maps = features(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 64, 64))
+        >>> maps = features(Modalities(torch.rand(2, 3, 32, 32), depth_map=torch.rand(2, 3, 64, 64)))
         >>> [tuple(level.shape) for level in maps]
         [(2, 12, 32, 32)]
     """
@@ -186,11 +187,12 @@ class GeometryFeatures:
         """Channels of the single feature level."""
         return CHANNELS_PER_SCALE * len(self.scales)
 
-    def setup(self, pl_module: LightningModule | None) -> None:
-        del pl_module
-
-    def __call__(self, images: Tensor, depth_maps: Tensor) -> list[Tensor]:
-        return [geometric_features(depth_maps.to(images.device), tuple(images.shape[-2:]), self.scales)]
+    def __call__(self, inputs: Modalities) -> list[Tensor]:
+        if inputs.depth_map is None:
+            msg = "GeometryFeatures needs the batch's depth_map; use RgbdFeatures for data with and without one"
+            raise ValueError(msg)
+        images = inputs.image
+        return [geometric_features(inputs.depth_map.to(images.device), tuple(images.shape[-2:]), self.scales)]
 
 
 def usable_depth(depth_maps: Tensor | None) -> str | None:
@@ -205,7 +207,7 @@ def usable_depth(depth_maps: Tensor | None) -> str | None:
 
 
 @FEATURES.register("rgbd")
-class RgbdFeatures:
+class RgbdFeatures(FeatureSource):
     """RGB backbone features and geometric features side by side, the geometric ones weighted.
 
     Each feature map is standardized per image and channel by the :class:`~anomalib_tts.features.FeaturePyramid`;
@@ -215,23 +217,40 @@ class RgbdFeatures:
     geometric features (after standardization: no signal), with a warning.
 
     Args:
-        rgb: The RGB provider (``TimmFeatures``, ``ModelFeatures``, ...).
-        geometry: The geometric provider; default scales when ``None``.
+        rgb: The RGB feature source, or its registered name (``"timm"``: ``TimmFeatures()``, ``"model"``:
+            ``ModelFeatures()``).
+        geometry: The geometric feature source; default scales when ``None``.
         geometry_weight: Weight of the geometric features relative to the RGB ones (> 0).
-        expect_depth: Warn when a batch carries no depth map (set when geometry was asked for explicitly).
+        expect_depth: Warn when a batch carries no depth map (for data that should have one).
 
     Example:
-        >>> features = RgbdFeatures(lambda images: [images], GeometryFeatures(scales=(2,)), geometry_weight=2.0)
-        >>> maps = features(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
+        >>> from anomalib_tts.features import Modalities
+        >>> class Colour(FeatureSource):
+        ...     def __call__(self, inputs: Modalities) -> list[Tensor]:
+        ...         return [inputs.image]
+        >>> features = RgbdFeatures(Colour(), GeometryFeatures(scales=(2,)), geometry_weight=2.0)
+        >>> maps = features(Modalities(torch.rand(2, 3, 32, 32), depth_map=torch.rand(2, 3, 32, 32)))
         >>> [level.shape[1] for level in maps], maps.weights
         ([3, 6], [1.0, 2.0])
-        >>> len(features(torch.rand(2, 3, 32, 32)))  # no depth map: RGB only
+        >>> len(features(Modalities(torch.rand(2, 3, 32, 32))))  # no depth map: RGB only
         1
+
+        In an anomalib YAML, the ``features`` of ``anomalib_tts.TestTimeSegmentation``::
+
+            features:
+              class_path: anomalib_tts.RgbdFeatures
+              init_args:
+                rgb: model
+                geometry:
+                  class_path: anomalib_tts.GeometryFeatures
+                  init_args:
+                    scales: [2, 4, 8]
+                expect_depth: true
     """
 
     def __init__(
         self,
-        rgb: FeatureProvider,
+        rgb: str | FeatureSource = "timm",
         geometry: GeometryFeatures | None = None,
         geometry_weight: float = 1.0,
         expect_depth: bool = False,
@@ -239,22 +258,23 @@ class RgbdFeatures:
         if not geometry_weight > 0:
             msg = f"geometry_weight must be > 0, got {geometry_weight}"
             raise ValueError(msg)
-        self.rgb = rgb
+        self.rgb = FEATURES.create(rgb)
         self.geometry = geometry if geometry is not None else GeometryFeatures()
         self.geometry_weight = float(geometry_weight)
         self.expect_depth = expect_depth
 
     def setup(self, pl_module: LightningModule | None) -> None:
         self.rgb.setup(pl_module)
+        self.geometry.setup(pl_module)
 
     def teardown(self) -> None:
-        """Release what the RGB provider holds (e.g. the model hook of ``ModelFeatures``)."""
-        teardown = getattr(self.rgb, "teardown", None)
-        if teardown is not None:
-            teardown()
+        """Release what the sources hold (e.g. the model hook of ``ModelFeatures``)."""
+        self.rgb.teardown()
+        self.geometry.teardown()
 
-    def __call__(self, images: Tensor, depth_maps: Tensor | None = None) -> list[Tensor]:
-        rgb_maps = list(self.rgb(images))
+    def __call__(self, inputs: Modalities) -> list[Tensor]:
+        rgb_maps = list(self.rgb(inputs))
+        depth_maps = inputs.depth_map
         problem = usable_depth(depth_maps)
         if problem is not None:
             if depth_maps is not None or self.expect_depth:
@@ -268,6 +288,6 @@ class RgbdFeatures:
                 empty,
                 depth_maps.shape[0],
             )
-        geometry_maps = self.geometry(images, depth_maps)
+        geometry_maps = self.geometry(inputs)
         weights = [1.0] * len(rgb_maps) + [self.geometry_weight] * len(geometry_maps)
         return WeightedMaps([*rgb_maps, *geometry_maps], weights)

@@ -5,8 +5,8 @@ pixel threshold sits at ``nominal_threshold``, 0.5 by default) and returns dense
 pixels are never labeled, and the two sets never overlap.
 """
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -23,12 +23,22 @@ class PseudoLabels:
     negative: Tensor
 
 
-class PseudoLabeler(Protocol):
-    """Protocol of a pseudo-label recipe."""
+class PseudoLabeler(ABC):
+    """Base of the pseudo-label recipes: a new recipe is one subclass (in YAML: its ``class_path``).
 
+    Example:
+        >>> class AboveThreshold(PseudoLabeler):
+        ...     def __call__(self, score_maps: Tensor, nominal_threshold: float) -> PseudoLabels:
+        ...         valid = torch.isfinite(score_maps)
+        ...         return PseudoLabels(valid & (score_maps > nominal_threshold), valid & (score_maps < 0.2))
+        >>> labels = AboveThreshold()(torch.tensor([[[0.1, 0.3, 0.9]]]), nominal_threshold=0.5)
+        >>> labels.positive.tolist(), labels.negative.tolist()
+        ([[[False, False, True]]], [[[True, False, False]]])
+    """
+
+    @abstractmethod
     def __call__(self, score_maps: Tensor, nominal_threshold: float) -> PseudoLabels:
-        """Label the ``(B, H, W)`` score maps."""
-        ...
+        """Label the ``(B, H, W)`` score maps; non-finite pixels must be neither positive nor negative."""
 
 
 LABELERS: Registry[PseudoLabeler] = Registry("pseudo-label recipe")
@@ -111,7 +121,7 @@ def _peak_positives(
 
 
 @LABELERS.register("percentile")
-class PercentilePeaks:
+class PercentilePeaks(PseudoLabeler):
     """The paper's recipe: positives are local maxima above the image's own percentile plus their neighbours,
     negatives are all other valid pixels.
 
@@ -150,7 +160,7 @@ class PercentilePeaks:
 
 
 @LABELERS.register("nominal")
-class NominalAware:
+class NominalAware(PseudoLabeler):
     """Positives and negatives on either side of the nominal threshold, with a margin.
 
     Negatives are drawn only where the map is clearly below the nominal threshold, so large defects cannot
@@ -252,7 +262,7 @@ class RobustNominal(NominalAware):
 
 
 @LABELERS.register("relative")
-class PeakRelative:
+class PeakRelative(PseudoLabeler):
     """Bars placed within each image's own range, from its median to its maximum, above a nominal floor.
 
     Positives are pixels above ``median + positive_fraction * (max - median)``, negatives pixels below

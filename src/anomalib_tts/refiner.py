@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from anomalib_tts.classifiers import PixelClassifier
-from anomalib_tts.features import FeatureProvider, FeaturePyramid, flat_to_grid
-from anomalib_tts.pseudo_labels import PseudoLabeler
+from anomalib_tts.features import FeaturePyramid, FeatureSource, Modalities, flat_to_grid
+from anomalib_tts.pseudo_labels import PseudoLabeler, PseudoLabels
 from anomalib_tts.sampling import sample_pixels
 
 POSITIVE_STREAM = 1
@@ -51,12 +51,36 @@ class Refinement:
         return self.outcome == Outcome.REFINED
 
 
+@dataclass
+class TrainingPixels:
+    """The pixels of each image drawn from its pseudo-labels to fit the classifier on, positives first.
+
+    Attributes:
+        index: ``(B, P + N)`` flat pixel indices of the score map.
+        valid: ``(B, P + N)`` bool, slots that hold a drawn pixel (an image with fewer candidates has empty ones).
+        targets: ``(B, P + N)`` +1 (defective) for the first ``P`` slots, -1 (normal) for the others.
+        num_positives: ``(B,)`` drawn positives.
+        num_negatives: ``(B,)`` drawn negatives.
+    """
+
+    index: Tensor
+    valid: Tensor
+    targets: Tensor
+    num_positives: Tensor
+    num_negatives: Tensor
+
+
 class TestTimeRefiner:
-    """Refines a batch of binary masks from its score maps and images.
+    """Refines a batch of binary masks from its score maps and modalities.
+
+    The stages, in order: the pseudo-label recipe labels each map, :meth:`draw` samples training pixels from the
+    labels, :meth:`screen` decides which images can be refined, the feature source computes the batch's features,
+    the classifier fits one model per image on the features at the drawn pixels, and the fitted decision labels
+    every pixel of the images it fitted.
 
     Args:
         labeler: Pseudo-label recipe.
-        features: Pixel-feature provider (already ``setup``).
+        features: Pixel-feature source (already ``setup``).
         classifier: Per-image classifier.
         max_positives: Cap on the positives sampled per image.
         max_negatives: Cap on the negatives sampled per image.
@@ -69,8 +93,8 @@ class TestTimeRefiner:
         >>> images = torch.rand(2, 3, 32, 32)
         >>> maps = torch.rand(2, 32, 32) * 0.3
         >>> maps[0, 8:16, 8:16] = 0.9
-        >>> refiner = TestTimeRefiner(NominalAware(), lambda x: [x], LinearSVM())
-        >>> result = refiner(images, maps, maps > 0.5, 0.5, seeds=torch.tensor([0, 1]))
+        >>> refiner = TestTimeRefiner(NominalAware(), lambda inputs: [inputs.image], LinearSVM())
+        >>> result = refiner(Modalities(images), maps, maps > 0.5, 0.5, seeds=torch.tensor([0, 1]))
         >>> result.outcome.tolist()  # the second map has no confident defect
         [0, 2]
     """
@@ -80,7 +104,7 @@ class TestTimeRefiner:
     def __init__(
         self,
         labeler: PseudoLabeler,
-        features: FeatureProvider,
+        features: FeatureSource,
         classifier: PixelClassifier,
         max_positives: int = 1000,
         max_negatives: int = 1000,
@@ -107,27 +131,52 @@ class TestTimeRefiner:
         self.min_positives = min_positives
         self.min_negatives = min_negatives
 
+    def draw(self, labels: PseudoLabels, seeds: Tensor) -> TrainingPixels:
+        """Sample up to the caps of positives and negatives per image (seeded per image, see ``sampling``)."""
+        positive_index, positive_valid = sample_pixels(
+            labels.positive.flatten(1), self.max_positives, seeds, POSITIVE_STREAM
+        )
+        negative_index, negative_valid = sample_pixels(
+            labels.negative.flatten(1), self.max_negatives, seeds, NEGATIVE_STREAM
+        )
+        return TrainingPixels(
+            index=torch.cat((positive_index, negative_index), dim=1),
+            valid=torch.cat((positive_valid, negative_valid), dim=1),
+            targets=torch.cat((torch.ones_like(positive_index), -torch.ones_like(negative_index)), dim=1),
+            num_positives=positive_valid.sum(dim=1),
+            num_negatives=negative_valid.sum(dim=1),
+        )
+
+    def screen(self, score_maps: Tensor, pixels: TrainingPixels, eligible: Tensor | None) -> Tensor:
+        """``(B,)`` :class:`Outcome` codes before fitting: ``REFINED`` for the images to refine."""
+        outcome = torch.full((score_maps.shape[0],), int(Outcome.REFINED), dtype=torch.int64, device=score_maps.device)
+        outcome = torch.where(pixels.num_negatives < self.min_negatives, int(Outcome.FEW_NEGATIVES), outcome)
+        outcome = torch.where(pixels.num_positives < self.min_positives, int(Outcome.FEW_POSITIVES), outcome)
+        num_valid = torch.isfinite(score_maps).flatten(1).sum(dim=1)
+        outcome = torch.where(num_valid < self.min_positives + self.min_negatives, int(Outcome.FEW_VALID), outcome)
+        if eligible is not None:
+            outcome = torch.where(eligible.to(score_maps.device), outcome, int(Outcome.GATED))
+        return outcome
+
     def __call__(
         self,
-        images: Tensor,
+        inputs: Modalities,
         score_maps: Tensor,
         masks: Tensor,
         nominal_threshold: float,
         seeds: Tensor,
         eligible: Tensor | None = None,
-        depth_maps: Tensor | None = None,
     ) -> Refinement:
         """Refine one batch.
 
         Args:
-            images: ``(B, C, H', W')`` model input images.
+            inputs: The batch's modalities (``image`` ``(B, C, H', W')``, optional ``depth_map``), handed to the
+                feature source.
             score_maps: ``(B, H, W)`` normalized anomaly maps.
             masks: ``(B, H, W)`` current (thresholded) masks, kept where refinement does not run.
             nominal_threshold: The normalized nominal pixel threshold (0.5 after anomalib's PostProcessor).
             seeds: ``(B,)`` per-image seeds.
             eligible: ``(B,)`` bool, images that may be refined (gating); all when ``None``.
-            depth_maps: ``(B, 3, H'', W'')`` organized XYZ maps, handed to the feature provider (which must then
-                take them, e.g. :class:`~anomalib_tts.geometry.RgbdFeatures`) when given.
 
         Returns:
             The :class:`Refinement` of the batch.
@@ -135,39 +184,21 @@ class TestTimeRefiner:
         batch_size, height, width = score_maps.shape
         score_maps = score_maps.float()
         labels = self.labeler(score_maps, nominal_threshold)
-        positive_index, positive_valid = sample_pixels(
-            labels.positive.flatten(1), self.max_positives, seeds, POSITIVE_STREAM
-        )
-        negative_index, negative_valid = sample_pixels(
-            labels.negative.flatten(1), self.max_negatives, seeds, NEGATIVE_STREAM
-        )
-        num_positives = positive_valid.sum(dim=1)
-        num_negatives = negative_valid.sum(dim=1)
-
-        outcome = torch.full((batch_size,), int(Outcome.REFINED), dtype=torch.int64, device=score_maps.device)
-        outcome = torch.where(num_negatives < self.min_negatives, int(Outcome.FEW_NEGATIVES), outcome)
-        outcome = torch.where(num_positives < self.min_positives, int(Outcome.FEW_POSITIVES), outcome)
-        num_valid = torch.isfinite(score_maps).flatten(1).sum(dim=1)
-        outcome = torch.where(num_valid < self.min_positives + self.min_negatives, int(Outcome.FEW_VALID), outcome)
-        if eligible is not None:
-            outcome = torch.where(eligible.to(score_maps.device), outcome, int(Outcome.GATED))
-
+        pixels = self.draw(labels, seeds)
+        outcome = self.screen(score_maps, pixels, eligible)
         masks = masks.reshape(batch_size, height, width).bool()
         if not bool((outcome == Outcome.REFINED).any()):
             unrefined = torch.full_like(score_maps, float("nan"))
-            return Refinement(masks, outcome, num_positives, num_negatives, unrefined)
+            return Refinement(masks, outcome, pixels.num_positives, pixels.num_negatives, unrefined)
 
-        feature_maps = self.features(images) if depth_maps is None else self.features(images, depth_maps)
-        pyramid = FeaturePyramid(feature_maps)
-        index = torch.cat((positive_index, negative_index), dim=1)
-        valid = torch.cat((positive_valid, negative_valid), dim=1)
-        targets = torch.cat((torch.ones_like(positive_index), -torch.ones_like(negative_index)), dim=1)
-        training_features = pyramid.sample(flat_to_grid(index, height, width))
-        decision = self.classifier.fit(training_features, targets, valid & (outcome == Outcome.REFINED)[:, None])
+        pyramid = FeaturePyramid(self.features(inputs))
+        training_features = pyramid.sample(flat_to_grid(pixels.index, height, width))
+        fitting = pixels.valid & (outcome == Outcome.REFINED)[:, None]
+        decision = self.classifier.fit(training_features, pixels.targets, fitting)
 
         outcome = torch.where((outcome == Outcome.REFINED) & ~decision.fitted, int(Outcome.FIT_FAILED), outcome)
         refined = outcome == Outcome.REFINED
         decision_map = decision.score_map(pyramid, (height, width)).float()
         decision_map = torch.where(refined[:, None, None], decision_map, float("nan"))
         masks = torch.where(refined[:, None, None], decision_map > 0, masks)
-        return Refinement(masks, outcome, num_positives, num_negatives, decision_map)
+        return Refinement(masks, outcome, pixels.num_positives, pixels.num_negatives, decision_map)
