@@ -1,7 +1,8 @@
-"""A TestTimeSegmentation that also saves anomalib's and its own masks, for the ``anomalib benchmark`` test.
+"""A TestTimeSegmentation that also saves anomalib's and its own masks, for the tests that run anomalib's CLI.
 
-It runs inside the benchmark's subprocess (named by ``class_path`` in the YAML that ``ANOMALIB_TTS_CONFIG`` points
-to), where the test cannot reach the callback; it writes ``torch.save`` files to ``$RECORDING_PATH``.
+It runs inside the CLI's subprocess (named by ``class_path`` in a YAML), where the test cannot reach the callback;
+at the end of the test it writes a ``torch.save`` file to ``$RECORDING_PATH``: the masks, the run's metrics, and
+the class and call counts of its three components.
 """
 
 import os
@@ -15,7 +16,7 @@ from anomalib_tts import TestTimeSegmentation
 
 
 class RecordingTestTimeSegmentation(TestTimeSegmentation):
-    """Keeps each test batch's thresholded mask, refined mask and ground truth; saves them at the epoch's end."""
+    """Keeps each test batch's thresholded mask, refined mask and ground truth; saves them when the test ends."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -30,6 +31,23 @@ class RecordingTestTimeSegmentation(TestTimeSegmentation):
         return result
 
     @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_test_epoch_end(trainer, pl_module)
-        torch.save({name: torch.cat(masks) for name, masks in self.recorded.items()}, os.environ["RECORDING_PATH"])
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        components = {
+            "pseudo_labels": self.refiner.labeler,
+            "features": self.refiner.features,
+            "classifier": self.refiner.classifier,
+        }
+        torch.save(
+            {
+                **{name: torch.cat(masks) for name, masks in self.recorded.items()},
+                "metrics": {name: float(value) for name, value in trainer.callback_metrics.items()},
+                "components": {
+                    name: {
+                        "class": f"{type(component).__module__}.{type(component).__qualname__}",
+                        **{key: value for key, value in vars(component).items() if isinstance(value, int | list)},
+                    }
+                    for name, component in components.items()
+                },
+            },
+            os.environ["RECORDING_PATH"],
+        )

@@ -4,6 +4,8 @@ Each test runs the real CLI (``AnomalibCLI``) in a subprocess, offline, on the g
 """
 
 import csv
+import importlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -54,6 +56,31 @@ torch.save({
 """
 
 
+def _python_path(*folders: Path) -> str:
+    """``PYTHONPATH`` for a subprocess: ``folders`` first, then the one this process was started with."""
+    return os.pathsep.join([*(str(folder) for folder in folders), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def _refinement_entry(printed: dict) -> dict:
+    (entry,) = [
+        callback
+        for callback in printed["trainer"]["callbacks"]
+        if callback["class_path"].endswith("TestTimeSegmentation")
+    ]
+    return entry
+
+
+def _assert_lists_every_option(component: dict, where: str) -> None:
+    """``component`` is ``class_path`` + ``init_args`` holding every argument of its class, nested ones too."""
+    module, _, name = component["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    options = component.get("init_args", {})
+    assert set(options) == set(inspect.signature(cls).parameters), where
+    for option, value in options.items():
+        if isinstance(value, dict) and "class_path" in value:
+            _assert_lists_every_option(value, f"{where}.{option}")
+
+
 def _configs(key: str) -> list[Path]:
     """The YAML files in ``configs/`` that hold a top-level ``key`` (``trainer``: anomalib's engine configs)."""
     return [path for path in sorted(CONFIGS.rglob("*.yaml")) if key in yaml.safe_load(path.read_text())]
@@ -70,6 +97,9 @@ def test_every_anomalib_config_parses_with_each_subcommand(tmp_path: Path) -> No
         result = results[" ".join(run)]
         assert result["code"] in (0, None), f"{run}: exit {result['code']}"
         assert "anomalib_tts.TestTimeSegmentation" in result["printed"], run
+        refinement = _refinement_entry(yaml.safe_load(result["printed"]))["init_args"]
+        for component in ("pseudo_labels", "features", "classifier"):  # each with its options, for the user to see
+            _assert_lists_every_option(refinement[component], f"{run}: {component}")
 
 
 def test_every_benchmark_config_expands_to_anomalib_models_and_datamodules() -> None:
@@ -155,9 +185,9 @@ def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(tmp
     seeded.mkdir()
     (seeded / "sitecustomize.py").write_text("import random\nimport torch\nrandom.seed(0)\ntorch.manual_seed(0)\n")
     refinement = tmp_path / "refinement.yaml"  # configs/benchmark/refinement.yaml, recording its masks
-    refinement.write_text("class_path: tests.recording.RecordingTestTimeSegmentation\ninit_args:\n  backbone: model\n")
+    refinement.write_text("class_path: tests.recording.RecordingTestTimeSegmentation\ninit_args:\n  features: model\n")
     recording = tmp_path / "masks.pt"
-    environment = {"PYTHONPATH": os.pathsep.join([str(seeded), str(REPOSITORY)]), "RECORDING_PATH": str(recording)}
+    environment = {"PYTHONPATH": _python_path(seeded, REPOSITORY), "RECORDING_PATH": str(recording)}
 
     enabled = _benchmark(config, tmp_path / "enabled", ANOMALIB_TTS_CONFIG=str(refinement), **environment)
     masks = torch.load(recording)
@@ -171,3 +201,45 @@ def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(tmp
     assert not any(column.startswith("tts_") for column in disabled)
     assert float(disabled["pixel_F1Score"]) == pytest.approx(thresholded_f1, abs=1e-6)
     assert disabled["pixel_AUROC"] == enabled["pixel_AUROC"]  # the same fitted model
+
+
+def test_a_new_recipe_feature_source_and_classifier_from_yaml_refine_in_anomalib_test(
+    synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Each is one class outside the package (``tests/custom_components.py``), named by ``class_path``."""
+    config = yaml.safe_load((CONFIGS / "padim.yaml").read_text())
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "tests.recording.RecordingTestTimeSegmentation",
+            "init_args": {
+                "pseudo_labels": {"class_path": "tests.custom_components.QuantileBands", "init_args": {"top": 0.03}},
+                "features": {"class_path": "tests.custom_components.ColourContrast", "init_args": {"window": 9}},
+                "classifier": {"class_path": "tests.custom_components.NearestPrototype"},
+                "max_positives": 200,
+                "max_negatives": 200,
+            },
+        }
+    ]
+    (tmp_path / "custom.yaml").write_text(yaml.safe_dump(config))
+    recording = tmp_path / "recorded.pt"
+    arguments = [
+        "test", "--config", str(tmp_path / "custom.yaml"), "--model.init_args.pre_trained", "false",
+        "--data.root", str(synthetic_root), "--data.category", "texture", "--data.num_workers", "0",
+        "--data.eval_batch_size", "8", "--ckpt_path", str(padim_checkpoint),
+        "--default_root_dir", str(tmp_path / "results"),
+    ]  # fmt: skip
+    run_anomalib(*arguments, cwd=tmp_path, PYTHONPATH=_python_path(REPOSITORY), RECORDING_PATH=str(recording))
+    recorded = torch.load(recording)
+
+    components = recorded["components"]
+    assert components["pseudo_labels"]["class"] == "tests.custom_components.QuantileBands"
+    assert components["features"]["class"] == "tests.custom_components.ColourContrast"
+    assert components["classifier"]["class"] == "tests.custom_components.NearestPrototype"
+    assert components["pseudo_labels"]["calls"] == 2  # 15 test images, batches of 8
+    assert components["features"]["setups"] == 1
+    assert components["features"]["calls"] == components["classifier"]["calls"] > 0  # features only when refining
+    assert components["features"]["depth_maps_seen"] == [False] * components["features"]["calls"]
+    assert recorded["metrics"]["tts_images_refined"] > 0
+    assert not torch.equal(recorded["refined"], recorded["thresholded"])
+    refined_f1 = float(f1_score(recorded["refined"].flatten(), recorded["gt"].flatten()))
+    assert recorded["metrics"]["pixel_F1Score"] == pytest.approx(refined_f1, abs=1e-6)  # what the Evaluator scored

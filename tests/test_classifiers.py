@@ -7,9 +7,11 @@ import torch
 
 from anomalib_tts.classifiers import (
     CLASSIFIERS,
+    SOLVERS,
     Decision,
     LinearSVM,
     LogisticRegression,
+    Solver,
     balanced_weights,
     random_projection,
 )
@@ -222,3 +224,20 @@ def test_the_default_score_map_of_any_decision_equals_the_linear_projection() ->
     dense = _ScoresOnly(linear).score_map(pyramid, size)
     assert dense.shape == (2, *size)
     assert torch.allclose(dense, linear.score_map(pyramid, size), atol=1e-4)
+
+
+def test_a_solver_added_to_the_table_is_accepted_and_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    steps_taken = []
+
+    def bound_recorded(classifier, problem, steps):
+        steps_taken.append(steps)
+        return SOLVERS["bound"].minimize(classifier, problem, steps)
+
+    monkeypatch.setitem(SOLVERS, "recorded", Solver(bound_recorded, default_steps=7))
+    features, labels = _problems(batch=2, samples=100)
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    decision = LogisticRegression(solver="recorded").fit(features, labels, valid)
+    assert steps_taken == [7]
+    assert torch.equal(
+        decision.weight, LogisticRegression(solver="bound", max_iter=7).fit(features, labels, valid).weight
+    )

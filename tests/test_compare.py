@@ -132,7 +132,7 @@ datasets:
   - {{root: {synthetic_root}, category: texture, name: loaded, checkpoints: {{padim: {padim_checkpoint}}}}}
   - {{root: {synthetic_root}, category: texture, name: fitted}}
 refinements:
-  - {{name: model features, args: {{backbone: model}}}}
+  - {{name: model features, args: {{features: model}}}}
 """
     )
     main(["compare", "--config", str(config)])
@@ -180,7 +180,7 @@ def test_refinement_of_recorded_maps_equals_the_callback_in_the_test_loop(
     dataset = DatasetSpec(str(synthetic_root), "texture", checkpoints={"padim": str(padim_checkpoint)})
     model_spec = ModelSpec("padim", "Padim", PADIM)
     config = CompareConfig(models=[model_spec], datasets=[dataset], output=str(tmp_path), batch_size=4)
-    refinement = RefinementSpec("model features", {"backbone": "model"})
+    refinement = RefinementSpec("model features", {"features": "model"})
     model, run = run_model(config, model_spec, dataset)
     offline, _ = refine_recorded(refinement, model, run, config.batch_size)
 

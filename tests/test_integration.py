@@ -35,7 +35,7 @@ def tested(synthetic_root: Path, padim_checkpoint: Path, tmp_path_factory: pytes
     from anomalib.engine import Engine
 
     results = {}
-    for name, callbacks in (("plain", []), ("refined", [RecordingSegmentation(backbone="model")])):
+    for name, callbacks in (("plain", []), ("refined", [RecordingSegmentation(features="model")])):
         root = tmp_path_factory.mktemp(name)
         engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, callbacks=callbacks)
         metrics = engine.test(make_padim(), datamodule=make_datamodule(synthetic_root), ckpt_path=padim_checkpoint)

@@ -61,7 +61,7 @@ def test_mask_writer_resizes_to_the_input_image_unless_told_not_to(tmp_path: Pat
 
 def test_mask_writer_defaults_to_the_trainer_folder_and_moves_itself_last(tmp_path: Path) -> None:
     writer = MaskWriter()
-    refinement = TestTimeSegmentation(backbone="model")
+    refinement = TestTimeSegmentation(features="model")
     trainer = _trainer(tmp_path, [writer, refinement, "post_processor", "visualizer"])
     module = SimpleNamespace(predict_step=lambda batch, batch_idx: None)
     writer.setup(trainer, module, "predict")
@@ -101,10 +101,10 @@ def test_factory_adds_nothing_unless_the_variable_is_set(monkeypatch: pytest.Mon
 @pytest.mark.parametrize(
     "text",
     [
-        "backbone: model\nmax_positives: 321\ngate: pred_label\n",
+        "features: model\nmax_positives: 321\ngate: pred_label\n",
         (
             "class_path: anomalib_tts.TestTimeSegmentation\n"
-            "init_args:\n  backbone: model\n  max_positives: 321\n  gate: pred_label\n"
+            "init_args:\n  features: model\n  max_positives: 321\n  gate: pred_label\n"
         ),
     ],
     ids=["init_args", "class_path"],
@@ -156,8 +156,8 @@ def test_factory_names_a_missing_file(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_guard_drops_the_environment_callback_when_the_trainer_already_refines(tmp_path: Path) -> None:
-    configured = TestTimeSegmentation(backbone="model")
-    added = TestTimeSegmentation(backbone="model")
+    configured = TestTimeSegmentation(features="model")
+    added = TestTimeSegmentation(features="model")
     guard = ConfiguredCallbackGuard(added)
     trainer = _trainer(tmp_path, [configured, "post_processor", added, guard])
     guard.setup(trainer, None, "test")
@@ -165,7 +165,7 @@ def test_guard_drops_the_environment_callback_when_the_trainer_already_refines(t
 
 
 def test_guard_keeps_the_environment_callback_when_it_is_the_only_one(tmp_path: Path) -> None:
-    added = TestTimeSegmentation(backbone="model")
+    added = TestTimeSegmentation(features="model")
     guard = ConfiguredCallbackGuard(added)
     trainer = _trainer(tmp_path, ["post_processor", added, guard])
     guard.setup(trainer, None, "test")
@@ -174,10 +174,10 @@ def test_guard_keeps_the_environment_callback_when_it_is_the_only_one(tmp_path: 
 
 @pytest.mark.parametrize("model_name", ["Fastflow", "EfficientAd"])
 def test_models_without_a_timm_feature_extractor_need_a_timm_backbone(model_name: str) -> None:
-    """Why configs/fastflow.yaml and configs/efficient_ad.yaml name a timm backbone instead of ``backbone: model``."""
+    """Why configs/fastflow.yaml and configs/efficient_ad.yaml name a timm backbone instead of ``features: model``."""
     import anomalib.models
 
     model_class = getattr(anomalib.models, model_name)
     model = model_class(pre_trained=False) if model_name == "Fastflow" else model_class()
     with pytest.raises(ValueError, match="TimmFeatureExtractor"):
-        TestTimeSegmentation(backbone="model").refiner.features.setup(model)
+        TestTimeSegmentation(features="model").refiner.features.setup(model)

@@ -227,7 +227,7 @@ def test_predict_on_a_folder_without_masks_with_grayscale_and_rgba_files(
     from anomalib.engine import Engine
 
     written = _write_images(synthetic_root, tmp_path / "folder")
-    callback = TestTimeSegmentation(backbone="model")
+    callback = TestTimeSegmentation(features="model")
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[callback])
     predictions = engine.predict(make_padim(), data_path=tmp_path / "folder", ckpt_path=padim_checkpoint)
     assert callback.stats.images == len(written)
@@ -255,13 +255,13 @@ def test_a_model_without_post_processor_fails_at_setup_saying_what_to_use() -> N
     _setup(callback, model, stage="fit")  # training with the callback attached is not refused
 
 
-def test_a_model_without_timm_extractor_and_backbone_model_fails_at_setup_saying_what_to_use() -> None:
+def test_a_model_without_timm_extractor_and_model_features_fails_at_setup_saying_what_to_use() -> None:
     from anomalib.post_processing import PostProcessor
 
     model = LightningModule()
     model.post_processor = PostProcessor()
     with pytest.raises(ValueError, match=r"backbone='wide_resnet50_2'"):
-        _setup(TestTimeSegmentation(backbone="model"), model)
+        _setup(TestTimeSegmentation(features="model"), model)
 
 
 @pytest.mark.parametrize(
@@ -282,7 +282,7 @@ def test_invalid_arguments_raise_at_construction_naming_the_argument(kwargs: dic
 
 
 def test_an_unknown_layer_raises_at_setup_listing_the_layers_on_offer() -> None:
-    callback = TestTimeSegmentation(backbone="resnet18", layers=["layer2", "layer9"], pre_trained=False)
+    callback = TestTimeSegmentation(features=TimmFeatures("resnet18", layers=["layer2", "layer9"], pre_trained=False))
     with pytest.raises(ValueError, match=r"layers.*layer9.*layer1"):
         _setup(callback, make_padim())
 
@@ -319,7 +319,7 @@ def test_a_checkpoint_written_with_the_callback_loads_with_and_without_it(
     def engine(name: str, callbacks: list) -> Engine:
         return Engine(default_root_dir=tmp_path / name, logger=False, enable_progress_bar=False, callbacks=callbacks)
 
-    training = engine("fit", [TestTimeSegmentation(backbone="model")])
+    training = engine("fit", [TestTimeSegmentation(features="model")])
     training.fit(make_padim(), datamodule=make_datamodule(synthetic_root))
     written = tmp_path / "with_callback.ckpt"
     training.trainer.save_checkpoint(written)
@@ -331,7 +331,7 @@ def test_a_checkpoint_written_with_the_callback_loads_with_and_without_it(
     assert "TestTimeSegmentation" not in str(with_callback.get("hyper_parameters", {}))
 
     make_padim().load_state_dict(with_callback["state_dict"], strict=True)  # loads into a model without it
-    refined = engine("refined", [TestTimeSegmentation(backbone="model")]).test(
+    refined = engine("refined", [TestTimeSegmentation(features="model")]).test(
         make_padim(), datamodule=make_datamodule(synthetic_root), ckpt_path=written
     )
     assert refined[0]["tts_images_refined"] > 0  # and into a run with it
