@@ -10,6 +10,7 @@ import torch
 from anomalib_tts.compare import (
     BASELINES,
     COLUMNS,
+    MEBIN_ROW,
     CompareConfig,
     DatasetSpec,
     ModelSpec,
@@ -50,6 +51,7 @@ def test_nominal_pixel_stats_over_batches() -> None:
     assert stats.mean == pytest.approx(3.0)
     assert stats.std == pytest.approx(3.5**0.5)
     assert stats.maximum == pytest.approx(6.0)
+    assert sorted(stats.pixels.tolist()) == [1.0, 2.0, 3.0, 6.0]  # kept for the SuperADD percentile
 
 
 def _run_with(nominal: NominalPixelStats, maps: torch.Tensor, gt: torch.Tensor) -> TestRun:
@@ -68,6 +70,7 @@ def test_baseline_thresholds_against_hand_computed_values() -> None:
     nominal = NominalPixelStats()
     nominal.total, nominal.total_squares, nominal.count = 4.0, 5.0, 4  # mean 1, std 0.5
     nominal.maximum = 3.0
+    nominal.batches = [torch.arange(1, 201, dtype=torch.float32) / 100]  # 0.01..2: 95th percentile 1.9
     maps = torch.tensor([[[0.1, 0.7], [0.8, 0.9]]])
     gt = torch.tensor([[[False, False], [True, True]]])
     run = _run_with(nominal, maps, gt)
@@ -75,6 +78,7 @@ def test_baseline_thresholds_against_hand_computed_values() -> None:
     assert thresholds["anomalib threshold"] == pytest.approx(0.5)
     assert thresholds["mean + 3 std of nominal val. pixels"] == pytest.approx((2.5 - 2) / 4 + 0.5)
     assert thresholds["max of nominal val. pixels"] == pytest.approx((3.0 - 2) / 4 + 0.5)
+    assert thresholds["SuperADD (p95 x 1.421 of nominal val. pixels)"] == pytest.approx((1.9 * 1.421 - 2) / 4 + 0.5)
     assert thresholds["oracle (best pooled F1 on test)"] == pytest.approx(0.7)  # exactly the two defect pixels
 
 
@@ -83,7 +87,9 @@ def test_image_f1_from_masks_counts_non_empty_masks() -> None:
     gt = torch.tensor([[[1, 0]], [[1, 0]], [[0, 0]], [[0, 0]]], dtype=torch.bool)
     labels = gt.flatten(1).any(dim=1)
     # mask says defective for images 0 and 2; truth: 0 and 1 -> tp 1, predicted 2, actual 2 -> F1 0.5
-    assert segmentation_scores(pred, gt, labels, labels)["image_f1_mask"] == pytest.approx(0.5)
+    scores = segmentation_scores(pred, gt, labels, labels)
+    assert scores["image_f1_mask"] == pytest.approx(0.5)
+    assert scores["false_alarm_rate"] == pytest.approx(0.5)  # of the defect-free images 2 and 3, image 2 has a mask
 
 
 def test_config_rejects_bad_arguments_by_name() -> None:
@@ -144,7 +150,7 @@ def test_compare_writes_every_row_and_column(compared: Path) -> None:
         reader = csv.DictReader(file)
         rows = list(reader)
     assert reader.fieldnames == [*COLUMNS, "model_ms_per_image"]
-    expected = [*BASELINES, "refined: model features"]
+    expected = [*BASELINES, MEBIN_ROW, "refined: model features"]
     assert [(row["dataset"], row["masks"]) for row in rows] == [
         (name, masks) for name in ("loaded", "fitted") for masks in expected
     ]
@@ -154,12 +160,13 @@ def test_compare_writes_every_row_and_column(compared: Path) -> None:
 
     for dataset in ("loaded", "fitted"):
         by_masks = {row["masks"]: row for row in rows if row["dataset"] == dataset}
-        realistic = [masks for masks in BASELINES if not masks.startswith("oracle")]
+        realistic = [masks for masks in BASELINES if not masks.startswith("oracle")]  # MEBin is not one threshold
         oracle = float(by_masks["oracle (best pooled F1 on test)"]["pixel_f1_all"])
         assert all(float(by_masks[masks]["pixel_f1_all"]) <= oracle + 1e-6 for masks in realistic)
         # a nominal-only validation split: anomalib's F1-adaptive threshold is the highest nominal pixel score
         assert by_masks["anomalib threshold"]["pixel_f1_all"] == by_masks["max of nominal val. pixels"]["pixel_f1_all"]
         assert 0 < int(by_masks["refined: model features"]["images_refined"]) <= 15
+        assert 0 <= float(by_masks[MEBIN_ROW]["false_alarm_rate"]) <= 1
 
 
 def test_compare_writes_panels(compared: Path) -> None:

@@ -6,8 +6,11 @@ checkpoint), validated on a nominal-only split (for the baselines' statistics) a
 those same maps:
 
 - threshold baselines: anomalib's own (F1-adaptive on the validation split), mean + 3 std and maximum of the
-  nominal validation pixel scores, and the oracle threshold (best pixel F1 pooled over the test set itself: the
-  ceiling of any single global threshold, not a usable method);
+  nominal validation pixel scores, anomalib 2.7's ``SuperADDPostProcessor`` threshold (95th percentile of those
+  scores x 1.421), and the oracle threshold (best pixel F1 pooled over the test set itself: the ceiling of any
+  single global threshold, not a usable method);
+- anomalib 2.7's ``MEBinPostProcessor`` masks (a threshold per image, from the stability of its connected
+  components), on the test batches as anomalib's test loop sees them;
 - each refinement setting of the config, run by :class:`TestTimeSegmentation` on the recorded maps and images
   (no second pass of the model).
 
@@ -33,6 +36,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
+from anomalib_tts.baselines import mebin_masks, superadd_threshold
 from anomalib_tts.callback import RawMapKeeper, TestTimeSegmentation
 from anomalib_tts.evaluation import MaskRecorder, NominalPixelStats, normalized_threshold, oracle_threshold
 
@@ -43,6 +47,7 @@ METRICS = (
     "mean_iou_defective",
     "image_f1",
     "image_f1_mask",
+    "false_alarm_rate",
 )
 COLUMNS = ("model", "dataset", "masks", "threshold", *METRICS, "images_refined", "ms_per_image")
 HEADERS = {
@@ -56,6 +61,7 @@ HEADERS = {
     "mean_iou_defective": "mean IoU (defective)",
     "image_f1": "image F1 (label)",
     "image_f1_mask": "image F1 (mask)",
+    "false_alarm_rate": "false alarms (good images)",
     "images_refined": "images refined",
     "ms_per_image": "refinement ms/image",
 }
@@ -280,11 +286,25 @@ BASELINES: dict[str, Callable[[TestRun], float]] = {
     "anomalib threshold": lambda run: run.anomalib_threshold,
     "mean + 3 std of nominal val. pixels": lambda run: run.normalized(run.nominal.mean + 3 * run.nominal.std),
     "max of nominal val. pixels": lambda run: run.normalized(run.nominal.maximum),
+    "SuperADD (p95 x 1.421 of nominal val. pixels)": lambda run: run.normalized(superadd_threshold(run.nominal.pixels)),
     "oracle (best pooled F1 on test)": lambda run: oracle_threshold(
         run.score_maps, run.recorder.records.stacked("gt_masks")
     ),
 }
 """Threshold baselines: name -> threshold on the normalized scale (masks are ``score_maps > threshold``)."""
+
+
+MEBIN_ROW = "MEBin (per-image threshold)"
+
+
+def mebin_recorded(run: TestRun, batch_size: int) -> Tensor:
+    """``MEBinPostProcessor``'s masks of the recorded test images, batch by batch as the test loop saw them.
+
+    MEBin reads the PostProcessor's normalized maps, clipped to ``[0, 1]``, and sweeps each batch's range of
+    peaks (its masks depend on the batch), so the recorded maps are clipped and cut into the same batches.
+    """
+    maps = run.score_maps.clamp(0, 1)
+    return torch.cat([mebin_masks(maps[first : first + batch_size]) for first in range(0, maps.shape[0], batch_size)])
 
 
 def make_datamodule(config: CompareConfig, dataset: DatasetSpec) -> Any:
@@ -447,6 +467,7 @@ def compare_one(
     for name, threshold_of in BASELINES.items():
         threshold = threshold_of(run)
         rows.append({**names, "masks": name, "threshold": threshold, **records.scores(maps > threshold)})
+    rows.append({**names, "masks": MEBIN_ROW, **records.scores(mebin_recorded(run, config.batch_size))})
     refined: dict[str, Tensor] = {}
     for spec in config.refinements:
         advance(f"{dataset.name} / {model_spec.name}: refinement {spec.name}")

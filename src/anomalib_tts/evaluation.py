@@ -103,17 +103,20 @@ def segmentation_scores(
     Returns:
         ``pixel_f1_all`` (pooled over all images: anomalib's ``pixel_F1Score``), ``pixel_f1_defective`` (pooled
         over defective images), ``mean_f1_defective`` and ``mean_iou_defective`` (per image, averaged over
-        defective images), ``image_f1`` (of ``pred_labels``) and ``image_f1_mask`` (an image counts as
-        predicted defective when its mask is not empty).
+        defective images), ``image_f1`` (of ``pred_labels``), ``image_f1_mask`` (an image counts as
+        predicted defective when its mask is not empty) and ``false_alarm_rate`` (the share of defect-free
+        images whose mask is not empty; ``nan`` without one).
     """
     defective = gt_masks.flatten(1).any(dim=1)
+    flagged = pred_masks.flatten(1).any(dim=1)
     return {
         "pixel_f1_all": float(f1_score(pred_masks.flatten(), gt_masks.flatten())),
         "pixel_f1_defective": float(f1_score(pred_masks[defective].flatten(), gt_masks[defective].flatten())),
         "mean_f1_defective": float(f1_score(pred_masks[defective], gt_masks[defective]).mean()),
         "mean_iou_defective": float(iou_score(pred_masks[defective], gt_masks[defective]).mean()),
         "image_f1": float(f1_score(pred_labels, gt_labels)),
-        "image_f1_mask": float(f1_score(pred_masks.flatten(1).any(dim=1), gt_labels)),
+        "image_f1_mask": float(f1_score(flagged, gt_labels)),
+        "false_alarm_rate": float(flagged[~defective].float().mean()) if bool((~defective).any()) else float("nan"),
     }
 
 
@@ -146,9 +149,9 @@ def oracle_threshold(scores: Tensor, truth: Tensor) -> float:
 
 
 class NominalPixelStats(Callback):
-    """Mean, standard deviation and maximum of the raw pixel scores of the validation images (nominal only).
+    """Mean, standard deviation, maximum and all raw pixel scores of the validation images (nominal only).
 
-    Run ``engine.validate`` with it to get the "mean + k std" and "max of nominal" threshold baselines.
+    Run ``engine.validate`` with it to get the "mean + k std", "max of nominal" and SuperADD threshold baselines.
     """
 
     def __init__(self) -> None:
@@ -156,6 +159,7 @@ class NominalPixelStats(Callback):
         self.total_squares = 0.0
         self.count = 0
         self.maximum = float("-inf")
+        self.batches: list[Tensor] = []
 
     @override
     def on_validation_batch_end(
@@ -166,6 +170,12 @@ class NominalPixelStats(Callback):
         self.total_squares += float((maps**2).sum())
         self.count += maps.numel()
         self.maximum = max(self.maximum, float(maps.max()))
+        self.batches.append(outputs.anomaly_map.detach().float().flatten().cpu())
+
+    @property
+    def pixels(self) -> Tensor:
+        """Every raw pixel score seen, flat."""
+        return torch.cat(self.batches) if self.batches else torch.empty(0)
 
     @property
     def mean(self) -> float:
