@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from anomalib_tts import TestTimeSegmentation
 from anomalib_tts.classifiers import LinearSVM
 from anomalib_tts.features import Modalities, TimmFeatures
-from anomalib_tts.pseudo_labels import LABELERS, PeakRelative
+from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PeakRelative
 from anomalib_tts.refiner import Outcome, TestTimeRefiner
 
 from . import ddp_run
@@ -274,11 +274,47 @@ def test_a_model_without_timm_extractor_and_model_features_fails_at_setup_saying
         ({"backbone": "no_such_net", "layers": ["layer2"]}, "backbone"),
         ({"min_negatives": 50, "max_negatives": 20}, "min_negatives"),
         ({"stages": ["fit"]}, "stages"),
+        ({"stages": "tset"}, r"stages.*\['tset'\]"),
+        ({"max_positives": 10.5}, "max_positives must be an integer"),
+        ({"min_negatives": 10.0}, "min_negatives must be an integer"),
+        ({"min_positives": True}, "min_positives must be an integer"),
     ],
 )
 def test_invalid_arguments_raise_at_construction_naming_the_argument(kwargs: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         TestTimeSegmentation(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("build", "named"),
+    [
+        (lambda: LinearSVM(max_iter=2.5), "max_iter"),
+        (lambda: LinearSVM(power_iter=20.5), "power_iter"),
+        (lambda: LinearSVM(projection=64.5), "projection"),
+        (lambda: NominalAware(peak_window=3.5), "peak_window"),
+        (lambda: LABELERS.get("percentile")(neighbourhood=3.0), "neighbourhood"),
+    ],
+)
+def test_integer_options_of_the_components_must_be_integers(build, named: str) -> None:
+    with pytest.raises(ValueError, match=f"{named} must be an integer"):
+        build()
+
+
+def test_stages_given_as_one_name_is_that_stage() -> None:
+    assert TestTimeSegmentation(features="geometry", stages="test").stages == ("test",)
+    assert TestTimeSegmentation(features="geometry", stages="validate").stages == ("validate",)
+
+
+@pytest.mark.parametrize("disabled", ["enable_normalization", "enable_thresholding"])
+def test_a_post_processor_without_normalization_or_thresholding_fails_at_setup_naming_the_option(disabled: str) -> None:
+    """Raw maps have no known scale, and without a threshold there is nothing to refine from: refused, not guessed."""
+    from anomalib.post_processing import PostProcessor
+
+    model = make_padim()
+    model.post_processor = PostProcessor(**{disabled: False})
+    with pytest.raises(ValueError, match=rf"{disabled}=False.*keep {disabled}=True"):
+        _setup(_callback(), model)
+    _setup(_callback(), model, stage="fit")  # training with the callback attached is not refused
 
 
 def test_an_unknown_layer_raises_at_setup_listing_the_layers_on_offer() -> None:

@@ -20,6 +20,7 @@ from anomalib_tts.pseudo_labels import LABELERS, PseudoLabeler
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
 from anomalib_tts.registry import Registry
 from anomalib_tts.sampling import content_seeds, path_seeds
+from anomalib_tts.validation import as_stages, check_post_processor
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ class TestTimeSegmentation(Callback):
         max_negatives: Cap on negatives sampled per image.
         min_positives: Fewer confident positives: the image keeps its mask.
         min_negatives: Fewer confident negatives: the image keeps its mask.
-        stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"``.
+        stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"`` (one name alone is one
+            stage).
         pseudo_label_args: Deprecated: keyword arguments of a recipe given by name; pass the recipe object.
         classifier_args: Deprecated: keyword arguments of a classifier given by name; pass the classifier object.
         backbone: Deprecated, with ``layers``, ``pre_trained``, ``weights``, ``geometry`` and
@@ -242,10 +244,7 @@ class TestTimeSegmentation(Callback):
         if gate not in {"none", "pred_label"}:
             msg = f"gate must be 'none' or 'pred_label', got {gate!r}"
             raise ValueError(msg)
-        unknown_stages = sorted(set(stages) - set(STAGES))
-        if unknown_stages:
-            msg = f"stages must be among {STAGES}, got {unknown_stages}"
-            raise ValueError(msg)
+        stages = as_stages(stages, STAGES)
         feature_options = {
             "backbone": backbone,
             "layers": layers,
@@ -270,7 +269,7 @@ class TestTimeSegmentation(Callback):
             min_negatives=min_negatives,
         )
         self.gate = gate
-        self.stages = tuple(stages)
+        self.stages = stages
         self.nominal_threshold = 0.5
         self.stats = RefinementStats()
         self._post_processor: Any = None
@@ -307,13 +306,8 @@ class TestTimeSegmentation(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._post_processor = getattr(pl_module, "post_processor", None) or None
-        if self._post_processor is None and stage in self.stages:
-            msg = (
-                f"TestTimeSegmentation reads the normalized maps and pixel threshold of the model's PostProcessor; "
-                f"{type(pl_module).__name__} has none: keep post_processor=True (the default) or pass a "
-                "PostProcessor(), or leave this callback out of the run"
-            )
-            raise ValueError(msg)
+        if stage in self.stages:
+            check_post_processor(self._post_processor, type(pl_module).__name__)
         self._place_after_post_processor(trainer, pl_module)
         if self._post_processor is not None and hasattr(self._post_processor, "normalized_pixel_threshold"):
             self.nominal_threshold = float(self._post_processor.normalized_pixel_threshold)
