@@ -317,6 +317,26 @@ def test_a_post_processor_without_normalization_or_thresholding_fails_at_setup_n
     _setup(_callback(), model, stage="fit")  # training with the callback attached is not refused
 
 
+def test_validate_resets_and_logs_the_statistics_as_test_does(
+    synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from anomalib.engine import Engine
+
+    callback = TestTimeSegmentation(features="model", stages=["validate"])
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[callback])
+    datamodule = make_datamodule(synthetic_root)
+    counted, logged = [], []
+    for _ in range(2):
+        with caplog.at_level(logging.INFO, logger="anomalib_tts.callback"):
+            metrics = engine.validate(make_padim(), datamodule=datamodule, ckpt_path=padim_checkpoint)[0]
+        counted.append(callback.stats.images)
+        logged.append(metrics.get("tts_images_refined", 0) + metrics.get("tts_images_kept", 0))
+    images = len(datamodule.val_data)
+    assert counted == [images, images]  # counted afresh in every run
+    assert logged == [images, images]
+    assert caplog.text.count(f"of {images} images") == 2
+
+
 def test_an_unknown_layer_raises_at_setup_listing_the_layers_on_offer() -> None:
     callback = TestTimeSegmentation(features=TimmFeatures("resnet18", layers=["layer2", "layer9"], pre_trained=False))
     with pytest.raises(ValueError, match=r"layers.*layer9.*layer1"):

@@ -341,6 +341,15 @@ class TestTimeSegmentation(Callback):
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.stats = RefinementStats()
 
+    def _refines_validation(self, trainer: Trainer) -> bool:
+        """Validation is refined in ``trainer.validate`` only, never in the validation epochs of ``fit``."""
+        return "validate" in self.stages and trainer.state.fn == "validate"
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._refines_validation(trainer):
+            self.stats = RefinementStats()
+
     @override
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
@@ -359,12 +368,20 @@ class TestTimeSegmentation(Callback):
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
     ) -> None:
-        if "validate" in self.stages and trainer.state.fn == "validate":
+        if self._refines_validation(trainer):
             self._raw_maps.raw = outputs.anomaly_map  # validation maps are not normalized by the PostProcessor
             self.refine_batch(outputs)
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_metrics(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._refines_validation(trainer):
+            self._log_metrics(trainer, pl_module)
+
+    def _log_metrics(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # summed before the ratios are taken, so a distributed run logs what a single process would
         for name, value in self.stats.summed_over_processes(trainer, pl_module.device).as_metrics().items():
             pl_module.log(name, value)
