@@ -9,6 +9,7 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from anomalib_tts import TestTimeSegmentation
 from anomalib_tts.classifiers import LinearSVM
 from anomalib_tts.features import Modalities, TimmFeatures
+from anomalib_tts.geometry import RgbdFeatures
 from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PeakRelative
 from anomalib_tts.refiner import Outcome, TestTimeRefiner
 
@@ -343,6 +345,54 @@ def test_an_unknown_layer_raises_at_setup_listing_the_layers_on_offer() -> None:
         _setup(callback, make_padim())
 
 
+# --- batches that do not fit together, images of other dtypes -----------------------------------------------
+
+
+def _plain_batch(images: torch.Tensor | None, maps: torch.Tensor, **fields) -> SimpleNamespace:
+    """A batch as a plain object: its fields reach the callback as they are, unvalidated by anomalib."""
+    defaults = {"pred_mask": maps > 0.5, "image_path": _paths(maps.shape[0]), "depth_map": None}
+    return SimpleNamespace(image=images, anomaly_map=maps, **{**defaults, **fields})
+
+
+@pytest.mark.parametrize("field", ["image", "depth_map", "pred_mask", "image_path"])
+def test_batch_fields_that_disagree_in_batch_size_raise_naming_them(field: str) -> None:
+    images, maps = _scene(3, (32, 32))
+    depth_maps = torch.rand(3, 3, 32, 32)
+    fields = {"image": images[:2], "depth_map": depth_maps[:2], "pred_mask": maps[:2] > 0.5, "image_path": _paths(2)}
+    fields[field] = {"image": images, "depth_map": depth_maps, "pred_mask": maps > 0.5, "image_path": _paths(3)}[field]
+    callback = TestTimeSegmentation(features=RgbdFeatures(_features()), max_positives=100, max_negatives=100)
+    with pytest.raises(ValueError, match=rf"disagree in batch size \(anomaly_map 2, .*{field} 3"):
+        callback.refine_batch(SimpleNamespace(anomaly_map=maps[:2], **fields))
+
+
+def test_a_batch_without_images_raises_naming_the_missing_input() -> None:
+    _, maps = _scene(2, (32, 32))
+    with pytest.raises(ValueError, match=r"batch\.image is None.*pass the model's input images"):
+        _callback().refine_batch(_plain_batch(None, maps))
+
+
+def test_uint8_images_are_scaled_like_float_images() -> None:
+    images, maps = _scene(3, (32, 32))
+    eight_bit = (images * 255).round().to(torch.uint8)
+
+    def refined_masks(batch) -> torch.Tensor:
+        assert bool(_callback().refine_batch(batch).refined.all())
+        return batch.pred_mask
+
+    expected = refined_masks(_batch(eight_bit.float() / 255, maps, _paths(3)))
+    assert torch.equal(refined_masks(_plain_batch(eight_bit, maps)), expected)
+    assert torch.equal(refined_masks(_batch(eight_bit, maps, _paths(3))), expected)  # ImageBatch casts to 0-255 floats
+    with pytest.raises(ValueError, match=r"dtype torch\.int64.*uint8"):
+        _callback().refine_batch(_plain_batch(eight_bit.long(), maps))
+
+
+def test_minimums_above_the_pixels_of_the_map_raise_naming_them() -> None:
+    images, maps = _scene(2, (64, 64), map_size=(16, 16))
+    callback = _callback(max_negatives=1000, min_negatives=300)
+    with pytest.raises(ValueError, match=r"min_positives \+ min_negatives \(10 \+ 300\) exceed the 256 pixels"):
+        callback.refine_batch(_batch(images, maps, _paths(2)))
+
+
 # --- determinism ----------------------------------------------------------------------------------------------
 
 
@@ -463,11 +513,15 @@ def _finite_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_finite_batches())
-def test_property_masks_keep_the_map_shape_are_bool_and_the_callback_never_raises(
+def test_property_masks_keep_the_map_shape_are_bool_and_the_callback_raises_only_for_maps_too_small(
     data: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     images, maps = data
     batch = _batch(images, maps, _paths(maps.shape[0]))
+    if maps.shape[1] * maps.shape[2] < 20:  # min_positives + min_negatives: no image of this size can be refined
+        with pytest.raises(ValueError, match="min_positives"):
+            _callback().refine_batch(batch)
+        return
     _callback().refine_batch(batch)
     assert batch.pred_mask.shape == maps.shape
     assert batch.pred_mask.dtype == torch.bool

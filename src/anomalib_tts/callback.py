@@ -13,14 +13,14 @@ from torch import Tensor
 from typing_extensions import Self, override
 
 from anomalib_tts.classifiers import CLASSIFIERS, PixelClassifier
-from anomalib_tts.features import FEATURES, FeatureSource, Modalities, ModelFeatures, TimmFeatures
+from anomalib_tts.features import FEATURES, FeatureSource, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import RgbdFeatures
 from anomalib_tts.placement import place_callback, remove_callbacks
 from anomalib_tts.pseudo_labels import LABELERS, PseudoLabeler
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
 from anomalib_tts.registry import Registry
 from anomalib_tts.sampling import content_seeds, path_seeds
-from anomalib_tts.validation import as_stages, check_post_processor
+from anomalib_tts.validation import as_stages, batch_inputs, check_post_processor
 
 logger = logging.getLogger(__name__)
 
@@ -403,14 +403,24 @@ class TestTimeSegmentation(Callback):
     def refine_batch(self, batch: Any) -> Refinement | None:
         """Refine ``batch.pred_mask`` in place from ``batch.anomaly_map`` and ``batch.image``.
 
+        ``uint8`` images (or float images holding 0-255 values) are scaled to ``[0, 1]`` first, like float images.
+
         Returns:
             The batch's :class:`Refinement`, or ``None`` when the batch carries no anomaly map.
+
+        Raises:
+            ValueError: The batch's fields do not fit together (missing ``image``, batch sizes that disagree, maps
+                smaller than ``min_positives + min_negatives``); the message names them.
         """
         anomaly_map: Tensor | None = getattr(batch, "anomaly_map", None)
         if anomaly_map is None:
             logger.warning("test-time segmentation: the batch has no anomaly_map; masks left as they are")
             return None
         start = time.perf_counter()
+        gated = self.gate == "pred_label"
+        inputs = batch_inputs(
+            batch, anomaly_map, self.refiner.min_positives, self.refiner.min_negatives, reads_pred_label=gated
+        )
         unclipped = self._raw_maps.take_unclipped(self._post_processor, anomaly_map.shape)
         anomaly_map = anomaly_map if unclipped is None else unclipped
         score_maps = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
@@ -418,12 +428,10 @@ class TestTimeSegmentation(Callback):
         paths = getattr(batch, "image_path", None)
         seeds = path_seeds(paths, score_maps.device) if paths else content_seeds(score_maps)
         eligible = None
-        if self.gate == "pred_label" and getattr(batch, "pred_label", None) is not None:
+        if gated and getattr(batch, "pred_label", None) is not None:
             eligible = batch.pred_label.reshape(-1).bool()
 
-        result = self.refiner(
-            Modalities.from_batch(batch), score_maps, original, self.nominal_threshold, seeds, eligible
-        )
+        result = self.refiner(inputs, score_maps, original, self.nominal_threshold, seeds, eligible)
         batch.pred_mask = result.masks.reshape(original.shape)
         self.stats.update(result, time.perf_counter() - start)
         self._warn_kept(result, paths)
