@@ -494,7 +494,7 @@ def test_the_callback_runs_on_the_batch_device_with_half_precision_images(device
 
 
 @st.composite
-def _finite_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
+def _finite_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     batch = draw(st.integers(1, 3))
     height, width = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     style = draw(st.sampled_from(["uniform", "constant", "blob", "huge"]))
@@ -508,23 +508,47 @@ def _finite_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
     elif style == "huge":
         maps = (maps - 0.5) * draw(st.sampled_from([1e-30, 1e10, 3e38]))
     images = torch.rand(batch, 3, draw(st.integers(8, 48)), draw(st.integers(8, 48)), generator=generator)
-    return images, maps
+    return images, maps, draw(st.permutations(range(batch)))
+
+
+def _agree(masks: torch.Tensor, expected: torch.Tensor, decision: torch.Tensor) -> bool:
+    """Equal masks, but at pixels whose decision value is float rounding away from 0 (logistic regression)."""
+    return bool(((masks == expected) | (decision.abs() < 1e-5)).all())
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_finite_batches())
-def test_property_masks_keep_the_map_shape_are_bool_and_the_callback_raises_only_for_maps_too_small(
-    data: tuple[torch.Tensor, torch.Tensor],
+def test_property_masks_are_a_function_of_each_image_alone_and_unrefined_images_keep_theirs(
+    data: tuple[torch.Tensor, torch.Tensor, list[int]],
 ) -> None:
-    images, maps = data
-    batch = _batch(images, maps, _paths(maps.shape[0]))
+    """Whatever the maps: bool masks of the map's shape, the original mask wherever an image is not refined, the
+    classifier's decision where it is, and each image's mask the same in any batch order and alone."""
+    images, maps, order = data
+    paths = _paths(maps.shape[0])
+    callback = _callback()
+    batch = _batch(images, maps, paths)
     if maps.shape[1] * maps.shape[2] < 20:  # min_positives + min_negatives: no image of this size can be refined
         with pytest.raises(ValueError, match="min_positives"):
-            _callback().refine_batch(batch)
+            callback.refine_batch(batch)
         return
-    _callback().refine_batch(batch)
-    assert batch.pred_mask.shape == maps.shape
-    assert batch.pred_mask.dtype == torch.bool
+    original = batch.pred_mask.clone()
+    result = callback.refine_batch(batch)
+    masks = batch.pred_mask
+    assert masks.shape == maps.shape
+    assert masks.dtype == torch.bool
+    refined = result.refined
+    assert torch.equal(masks[~refined], original[~refined])
+    assert torch.equal(masks[refined], result.decision[refined] > 0)
+
+    permuted = _batch(images[order], maps[order], [paths[index] for index in order])
+    permuted_result = callback.refine_batch(permuted)
+    assert torch.equal(permuted_result.outcome, result.outcome[order])
+    assert _agree(permuted.pred_mask, masks[order], permuted_result.decision.nan_to_num(1.0))
+
+    alone = _batch(images[:1], maps[:1], paths[:1])
+    alone_result = callback.refine_batch(alone)
+    assert torch.equal(alone_result.outcome, result.outcome[:1])
+    assert _agree(alone.pred_mask, masks[:1], alone_result.decision.nan_to_num(1.0))
 
 
 # --- distributed ----------------------------------------------------------------------------------------------
