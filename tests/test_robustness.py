@@ -305,6 +305,7 @@ def test_integer_options_of_the_components_must_be_integers(build, named: str) -
 def test_stages_given_as_one_name_is_that_stage() -> None:
     assert TestTimeSegmentation(features="geometry", stages="test").stages == ("test",)
     assert TestTimeSegmentation(features="geometry", stages="validate").stages == ("validate",)
+    assert TestTimeSegmentation.from_init_args({"features": "geometry", "stages": "test"}).stages == ("test",)  # YAML
 
 
 @pytest.mark.parametrize("disabled", ["enable_normalization", "enable_thresholding"])

@@ -230,7 +230,7 @@ class TestTimeSegmentation(Callback):
         max_negatives: int = 1000,
         min_positives: int = 10,
         min_negatives: int = 10,
-        stages: Sequence[str] = ("test", "predict"),
+        stages: str | Sequence[str] = ("test", "predict"),
         pseudo_label_args: dict[str, Any] | None = None,
         classifier_args: dict[str, Any] | None = None,
         backbone: str | None = None,
