@@ -9,6 +9,7 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from lightning.pytorch import LightningModule, Trainer
 from anomalib_tts import TestTimeSegmentation
 from anomalib_tts.classifiers import LinearSVM
 from anomalib_tts.features import Modalities, TimmFeatures
-from anomalib_tts.pseudo_labels import LABELERS, PeakRelative
+from anomalib_tts.geometry import RgbdFeatures
+from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PeakRelative
 from anomalib_tts.refiner import Outcome, TestTimeRefiner
 
 from . import ddp_run
@@ -274,6 +276,10 @@ def test_a_model_without_timm_extractor_and_model_features_fails_at_setup_saying
         ({"backbone": "no_such_net", "layers": ["layer2"]}, "backbone"),
         ({"min_negatives": 50, "max_negatives": 20}, "min_negatives"),
         ({"stages": ["fit"]}, "stages"),
+        ({"stages": "tset"}, r"stages.*\['tset'\]"),
+        ({"max_positives": 10.5}, "max_positives must be an integer"),
+        ({"min_negatives": 10.0}, "min_negatives must be an integer"),
+        ({"min_positives": True}, "min_positives must be an integer"),
     ],
 )
 def test_invalid_arguments_raise_at_construction_naming_the_argument(kwargs: dict, named: str) -> None:
@@ -281,10 +287,111 @@ def test_invalid_arguments_raise_at_construction_naming_the_argument(kwargs: dic
         TestTimeSegmentation(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("build", "named"),
+    [
+        (lambda: LinearSVM(max_iter=2.5), "max_iter"),
+        (lambda: LinearSVM(power_iter=20.5), "power_iter"),
+        (lambda: LinearSVM(projection=64.5), "projection"),
+        (lambda: NominalAware(peak_window=3.5), "peak_window"),
+        (lambda: LABELERS.get("percentile")(neighbourhood=3.0), "neighbourhood"),
+    ],
+)
+def test_integer_options_of_the_components_must_be_integers(build, named: str) -> None:
+    with pytest.raises(ValueError, match=f"{named} must be an integer"):
+        build()
+
+
+def test_stages_given_as_one_name_is_that_stage() -> None:
+    assert TestTimeSegmentation(features="geometry", stages="test").stages == ("test",)
+    assert TestTimeSegmentation(features="geometry", stages="validate").stages == ("validate",)
+    assert TestTimeSegmentation.from_init_args({"features": "geometry", "stages": "test"}).stages == ("test",)  # YAML
+
+
+@pytest.mark.parametrize("disabled", ["enable_normalization", "enable_thresholding"])
+def test_a_post_processor_without_normalization_or_thresholding_fails_at_setup_naming_the_option(disabled: str) -> None:
+    """Raw maps have no known scale, and without a threshold there is nothing to refine from: refused, not guessed."""
+    from anomalib.post_processing import PostProcessor
+
+    model = make_padim()
+    model.post_processor = PostProcessor(**{disabled: False})
+    with pytest.raises(ValueError, match=rf"{disabled}=False.*keep {disabled}=True"):
+        _setup(_callback(), model)
+    _setup(_callback(), model, stage="fit")  # training with the callback attached is not refused
+
+
+def test_validate_resets_and_logs_the_statistics_as_test_does(
+    synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from anomalib.engine import Engine
+
+    callback = TestTimeSegmentation(features="model", stages=["validate"])
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[callback])
+    datamodule = make_datamodule(synthetic_root)
+    counted, logged = [], []
+    for _ in range(2):
+        with caplog.at_level(logging.INFO, logger="anomalib_tts.callback"):
+            metrics = engine.validate(make_padim(), datamodule=datamodule, ckpt_path=padim_checkpoint)[0]
+        counted.append(callback.stats.images)
+        logged.append(metrics.get("tts_images_refined", 0) + metrics.get("tts_images_kept", 0))
+    images = len(datamodule.val_data)
+    assert counted == [images, images]  # counted afresh in every run
+    assert logged == [images, images]
+    assert caplog.text.count(f"of {images} images") == 2
+
+
 def test_an_unknown_layer_raises_at_setup_listing_the_layers_on_offer() -> None:
     callback = TestTimeSegmentation(features=TimmFeatures("resnet18", layers=["layer2", "layer9"], pre_trained=False))
     with pytest.raises(ValueError, match=r"layers.*layer9.*layer1"):
         _setup(callback, make_padim())
+
+
+# --- batches that do not fit together, images of other dtypes -----------------------------------------------
+
+
+def _plain_batch(images: torch.Tensor | None, maps: torch.Tensor, **fields) -> SimpleNamespace:
+    """A batch as a plain object: its fields reach the callback as they are, unvalidated by anomalib."""
+    defaults = {"pred_mask": maps > 0.5, "image_path": _paths(maps.shape[0]), "depth_map": None}
+    return SimpleNamespace(image=images, anomaly_map=maps, **{**defaults, **fields})
+
+
+@pytest.mark.parametrize("field", ["image", "depth_map", "pred_mask", "image_path"])
+def test_batch_fields_that_disagree_in_batch_size_raise_naming_them(field: str) -> None:
+    images, maps = _scene(3, (32, 32))
+    depth_maps = torch.rand(3, 3, 32, 32)
+    fields = {"image": images[:2], "depth_map": depth_maps[:2], "pred_mask": maps[:2] > 0.5, "image_path": _paths(2)}
+    fields[field] = {"image": images, "depth_map": depth_maps, "pred_mask": maps > 0.5, "image_path": _paths(3)}[field]
+    callback = TestTimeSegmentation(features=RgbdFeatures(_features()), max_positives=100, max_negatives=100)
+    with pytest.raises(ValueError, match=rf"disagree in batch size \(anomaly_map 2, .*{field} 3"):
+        callback.refine_batch(SimpleNamespace(anomaly_map=maps[:2], **fields))
+
+
+def test_a_batch_without_images_raises_naming_the_missing_input() -> None:
+    _, maps = _scene(2, (32, 32))
+    with pytest.raises(ValueError, match=r"batch\.image is None.*pass the model's input images"):
+        _callback().refine_batch(_plain_batch(None, maps))
+
+
+def test_uint8_images_are_scaled_like_float_images() -> None:
+    images, maps = _scene(3, (32, 32))
+    eight_bit = (images * 255).round().to(torch.uint8)
+
+    def refined_masks(batch) -> torch.Tensor:
+        assert bool(_callback().refine_batch(batch).refined.all())
+        return batch.pred_mask
+
+    expected = refined_masks(_batch(eight_bit.float() / 255, maps, _paths(3)))
+    assert torch.equal(refined_masks(_plain_batch(eight_bit, maps)), expected)
+    assert torch.equal(refined_masks(_batch(eight_bit, maps, _paths(3))), expected)  # ImageBatch casts to 0-255 floats
+    with pytest.raises(ValueError, match=r"dtype torch\.int64.*uint8"):
+        _callback().refine_batch(_plain_batch(eight_bit.long(), maps))
+
+
+def test_minimums_above_the_pixels_of_the_map_raise_naming_them() -> None:
+    images, maps = _scene(2, (64, 64), map_size=(16, 16))
+    callback = _callback(max_negatives=1000, min_negatives=300)
+    with pytest.raises(ValueError, match=r"min_positives \+ min_negatives \(10 \+ 300\) exceed the 256 pixels"):
+        callback.refine_batch(_batch(images, maps, _paths(2)))
 
 
 # --- determinism ----------------------------------------------------------------------------------------------
@@ -388,7 +495,7 @@ def test_the_callback_runs_on_the_batch_device_with_half_precision_images(device
 
 
 @st.composite
-def _finite_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
+def _finite_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     batch = draw(st.integers(1, 3))
     height, width = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     style = draw(st.sampled_from(["uniform", "constant", "blob", "huge"]))
@@ -402,19 +509,47 @@ def _finite_batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
     elif style == "huge":
         maps = (maps - 0.5) * draw(st.sampled_from([1e-30, 1e10, 3e38]))
     images = torch.rand(batch, 3, draw(st.integers(8, 48)), draw(st.integers(8, 48)), generator=generator)
-    return images, maps
+    return images, maps, draw(st.permutations(range(batch)))
+
+
+def _agree(masks: torch.Tensor, expected: torch.Tensor, decision: torch.Tensor) -> bool:
+    """Equal masks, but at pixels whose decision value is float rounding away from 0 (logistic regression)."""
+    return bool(((masks == expected) | (decision.abs() < 1e-5)).all())
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_finite_batches())
-def test_property_masks_keep_the_map_shape_are_bool_and_the_callback_never_raises(
-    data: tuple[torch.Tensor, torch.Tensor],
+def test_property_masks_are_a_function_of_each_image_alone_and_unrefined_images_keep_theirs(
+    data: tuple[torch.Tensor, torch.Tensor, list[int]],
 ) -> None:
-    images, maps = data
-    batch = _batch(images, maps, _paths(maps.shape[0]))
-    _callback().refine_batch(batch)
-    assert batch.pred_mask.shape == maps.shape
-    assert batch.pred_mask.dtype == torch.bool
+    """Whatever the maps: bool masks of the map's shape, the original mask wherever an image is not refined, the
+    classifier's decision where it is, and each image's mask the same in any batch order and alone."""
+    images, maps, order = data
+    paths = _paths(maps.shape[0])
+    callback = _callback()
+    batch = _batch(images, maps, paths)
+    if maps.shape[1] * maps.shape[2] < 20:  # min_positives + min_negatives: no image of this size can be refined
+        with pytest.raises(ValueError, match="min_positives"):
+            callback.refine_batch(batch)
+        return
+    original = batch.pred_mask.clone()
+    result = callback.refine_batch(batch)
+    masks = batch.pred_mask
+    assert masks.shape == maps.shape
+    assert masks.dtype == torch.bool
+    refined = result.refined
+    assert torch.equal(masks[~refined], original[~refined])
+    assert torch.equal(masks[refined], result.decision[refined] > 0)
+
+    permuted = _batch(images[order], maps[order], [paths[index] for index in order])
+    permuted_result = callback.refine_batch(permuted)
+    assert torch.equal(permuted_result.outcome, result.outcome[order])
+    assert _agree(permuted.pred_mask, masks[order], permuted_result.decision.nan_to_num(1.0))
+
+    alone = _batch(images[:1], maps[:1], paths[:1])
+    alone_result = callback.refine_batch(alone)
+    assert torch.equal(alone_result.outcome, result.outcome[:1])
+    assert _agree(alone.pred_mask, masks[:1], alone_result.decision.nan_to_num(1.0))
 
 
 # --- distributed ----------------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from torch import Tensor
 from typing_extensions import Self, override
 
 from anomalib_tts.classifiers import CLASSIFIERS, PixelClassifier
-from anomalib_tts.features import FEATURES, FeatureSource, Modalities, ModelFeatures, TimmFeatures
+from anomalib_tts.features import FEATURES, FeatureSource, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import RgbdFeatures
 from anomalib_tts.placement import place_callback, remove_callbacks
 from anomalib_tts.pseudo_labels import LABELERS, PseudoLabeler
 from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
 from anomalib_tts.registry import Registry
 from anomalib_tts.sampling import content_seeds, path_seeds
+from anomalib_tts.validation import as_stages, batch_inputs, check_post_processor
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ class TestTimeSegmentation(Callback):
         max_negatives: Cap on negatives sampled per image.
         min_positives: Fewer confident positives: the image keeps its mask.
         min_negatives: Fewer confident negatives: the image keeps its mask.
-        stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"``.
+        stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"`` (one name alone is one
+            stage).
         pseudo_label_args: Deprecated: keyword arguments of a recipe given by name; pass the recipe object.
         classifier_args: Deprecated: keyword arguments of a classifier given by name; pass the classifier object.
         backbone: Deprecated, with ``layers``, ``pre_trained``, ``weights``, ``geometry`` and
@@ -228,7 +230,7 @@ class TestTimeSegmentation(Callback):
         max_negatives: int = 1000,
         min_positives: int = 10,
         min_negatives: int = 10,
-        stages: Sequence[str] = ("test", "predict"),
+        stages: str | Sequence[str] = ("test", "predict"),
         pseudo_label_args: dict[str, Any] | None = None,
         classifier_args: dict[str, Any] | None = None,
         backbone: str | None = None,
@@ -242,10 +244,7 @@ class TestTimeSegmentation(Callback):
         if gate not in {"none", "pred_label"}:
             msg = f"gate must be 'none' or 'pred_label', got {gate!r}"
             raise ValueError(msg)
-        unknown_stages = sorted(set(stages) - set(STAGES))
-        if unknown_stages:
-            msg = f"stages must be among {STAGES}, got {unknown_stages}"
-            raise ValueError(msg)
+        stages = as_stages(stages, STAGES)
         feature_options = {
             "backbone": backbone,
             "layers": layers,
@@ -270,7 +269,7 @@ class TestTimeSegmentation(Callback):
             min_negatives=min_negatives,
         )
         self.gate = gate
-        self.stages = tuple(stages)
+        self.stages = stages
         self.nominal_threshold = 0.5
         self.stats = RefinementStats()
         self._post_processor: Any = None
@@ -307,13 +306,8 @@ class TestTimeSegmentation(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._post_processor = getattr(pl_module, "post_processor", None) or None
-        if self._post_processor is None and stage in self.stages:
-            msg = (
-                f"TestTimeSegmentation reads the normalized maps and pixel threshold of the model's PostProcessor; "
-                f"{type(pl_module).__name__} has none: keep post_processor=True (the default) or pass a "
-                "PostProcessor(), or leave this callback out of the run"
-            )
-            raise ValueError(msg)
+        if stage in self.stages:
+            check_post_processor(self._post_processor, type(pl_module).__name__)
         self._place_after_post_processor(trainer, pl_module)
         if self._post_processor is not None and hasattr(self._post_processor, "normalized_pixel_threshold"):
             self.nominal_threshold = float(self._post_processor.normalized_pixel_threshold)
@@ -347,6 +341,15 @@ class TestTimeSegmentation(Callback):
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.stats = RefinementStats()
 
+    def _refines_validation(self, trainer: Trainer) -> bool:
+        """Validation is refined in ``trainer.validate`` only, never in the validation epochs of ``fit``."""
+        return "validate" in self.stages and trainer.state.fn == "validate"
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._refines_validation(trainer):
+            self.stats = RefinementStats()
+
     @override
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
@@ -365,12 +368,20 @@ class TestTimeSegmentation(Callback):
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any, **kwargs: Any
     ) -> None:
-        if "validate" in self.stages and trainer.state.fn == "validate":
+        if self._refines_validation(trainer):
             self._raw_maps.raw = outputs.anomaly_map  # validation maps are not normalized by the PostProcessor
             self.refine_batch(outputs)
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_metrics(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._refines_validation(trainer):
+            self._log_metrics(trainer, pl_module)
+
+    def _log_metrics(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # summed before the ratios are taken, so a distributed run logs what a single process would
         for name, value in self.stats.summed_over_processes(trainer, pl_module.device).as_metrics().items():
             pl_module.log(name, value)
@@ -392,14 +403,24 @@ class TestTimeSegmentation(Callback):
     def refine_batch(self, batch: Any) -> Refinement | None:
         """Refine ``batch.pred_mask`` in place from ``batch.anomaly_map`` and ``batch.image``.
 
+        ``uint8`` images (or float images holding 0-255 values) are scaled to ``[0, 1]`` first, like float images.
+
         Returns:
             The batch's :class:`Refinement`, or ``None`` when the batch carries no anomaly map.
+
+        Raises:
+            ValueError: The batch's fields do not fit together (missing ``image``, batch sizes that disagree, maps
+                smaller than ``min_positives + min_negatives``); the message names them.
         """
         anomaly_map: Tensor | None = getattr(batch, "anomaly_map", None)
         if anomaly_map is None:
             logger.warning("test-time segmentation: the batch has no anomaly_map; masks left as they are")
             return None
         start = time.perf_counter()
+        gated = self.gate == "pred_label"
+        inputs = batch_inputs(
+            batch, anomaly_map, self.refiner.min_positives, self.refiner.min_negatives, reads_pred_label=gated
+        )
         unclipped = self._raw_maps.take_unclipped(self._post_processor, anomaly_map.shape)
         anomaly_map = anomaly_map if unclipped is None else unclipped
         score_maps = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
@@ -407,12 +428,10 @@ class TestTimeSegmentation(Callback):
         paths = getattr(batch, "image_path", None)
         seeds = path_seeds(paths, score_maps.device) if paths else content_seeds(score_maps)
         eligible = None
-        if self.gate == "pred_label" and getattr(batch, "pred_label", None) is not None:
+        if gated and getattr(batch, "pred_label", None) is not None:
             eligible = batch.pred_label.reshape(-1).bool()
 
-        result = self.refiner(
-            Modalities.from_batch(batch), score_maps, original, self.nominal_threshold, seeds, eligible
-        )
+        result = self.refiner(inputs, score_maps, original, self.nominal_threshold, seeds, eligible)
         batch.pred_mask = result.masks.reshape(original.shape)
         self.stats.update(result, time.perf_counter() - start)
         self._warn_kept(result, paths)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from anomalib_tts.features import FeaturePyramid, flat_to_grid
 from anomalib_tts.registry import Registry
+from anomalib_tts.validation import check_count
 
 GRAM_CHUNK = 256
 NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
@@ -212,17 +213,11 @@ class LinearClassifier(PixelClassifier):
         if solver != "auto" and solver not in SOLVERS:
             msg = f"solver must be 'auto' or one of {sorted(SOLVERS)}, got {solver!r}"
             raise ValueError(msg)
-        if max_iter is not None and max_iter < 1:
-            msg = f"max_iter must be >= 1, got {max_iter}"
-            raise ValueError(msg)
-        if projection is not None and projection < 1:
-            msg = f"projection must be >= 1 channel or None, got {projection}"
-            raise ValueError(msg)
         self.l2 = l2
         self.solver = solver
-        self.max_iter = max_iter
-        self.power_iter = power_iter
-        self.projection = projection
+        self.max_iter = None if max_iter is None else check_count("max_iter", max_iter)
+        self.power_iter = check_count("power_iter", power_iter)
+        self.projection = None if projection is None else check_count("projection", projection)
 
     def loss(self, margins: Tensor) -> Tensor:
         """Loss at ``margins = y * f``."""

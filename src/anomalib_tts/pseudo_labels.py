@@ -13,6 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from anomalib_tts.registry import Registry
+from anomalib_tts.validation import check_count
 
 
 @dataclass
@@ -93,7 +94,7 @@ def dilate(mask: Tensor, size: int) -> Tensor:
 
 
 def _check_positive_odd(name: str, value: int) -> None:
-    if value < 1 or value % 2 == 0:
+    if check_count(name, value) % 2 == 0:
         msg = f"{name} must be a positive odd number of pixels, got {value}"
         raise ValueError(msg)
 

@@ -10,6 +10,7 @@ from anomalib_tts.classifiers import PixelClassifier
 from anomalib_tts.features import FeaturePyramid, FeatureSource, Modalities, flat_to_grid
 from anomalib_tts.pseudo_labels import PseudoLabeler, PseudoLabels
 from anomalib_tts.sampling import sample_pixels
+from anomalib_tts.validation import check_count
 
 POSITIVE_STREAM = 1
 NEGATIVE_STREAM = 2
@@ -111,15 +112,10 @@ class TestTimeRefiner:
         min_positives: int = 10,
         min_negatives: int = 10,
     ) -> None:
-        for name, value in (
-            ("max_positives", max_positives),
-            ("max_negatives", max_negatives),
-            ("min_positives", min_positives),
-            ("min_negatives", min_negatives),
-        ):
-            if value < 1:
-                msg = f"{name} must be >= 1, got {value}"
-                raise ValueError(msg)
+        max_positives = check_count("max_positives", max_positives)
+        max_negatives = check_count("max_negatives", max_negatives)
+        min_positives = check_count("min_positives", min_positives)
+        min_negatives = check_count("min_negatives", min_negatives)
         if min_positives > max_positives or min_negatives > max_negatives:
             msg = "min_positives/min_negatives must not exceed max_positives/max_negatives"
             raise ValueError(msg)
