@@ -537,7 +537,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
     Example:
         >>> print(markdown_table([{"model": "m", "dataset": "d", "masks": "x", "pixel_f1_all": 0.5}]).splitlines()[2])
-        | m | d | x | - | 0.500 | - | - | - | - | - | - | - |
+        | m | d | x | - | 0.500 | - | - | - | - | - | - | - | - |
     """
     lines = ["| " + " | ".join(HEADERS[column] for column in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row, column) for column in COLUMNS) + " |" for row in rows]
