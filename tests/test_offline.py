@@ -60,7 +60,10 @@ def test_weights_load_strictly_into_timms_architecture(classifier: torch.nn.Modu
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     assert reference.load_state_dict(weights, strict=True)  # every name and shape of timm's model
     assert all(torch.equal(classifier.state_dict()[name], tensor) for name, tensor in weights.items())
-    assert "state_dict" not in classifier.pretrained_cfg
+    other_head = timm.create_model(OFFLINE_BACKBONE, pretrained=True, num_classes=10)
+    assert torch.equal(other_head.conv_stem.weight, weights["conv_stem.weight"])
+    with pytest.raises(ValueError, match="conv_stem.weight"):
+        timm.create_model(OFFLINE_BACKBONE, pretrained=True, in_chans=1)
 
 
 @needs_extra

@@ -118,17 +118,29 @@ def efficientnet_lite0_state_dict() -> dict[str, Tensor]:
 def tf_efficientnet_lite0_offline(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """timm entry point: ``tf_efficientnet_lite0``, with the ``anomalib-tts[offline]`` weights if ``pretrained``.
 
-    Takes every keyword argument of ``timm.create_model`` (``features_only``, ``out_indices``, ``num_classes``,
-    ...); timm adapts the weights to them as it does for its own pretrained weights.
+    Takes the keyword arguments of ``timm.create_model`` (``features_only``, ``out_indices``, ``num_classes``,
+    ...). A model without the classifier (``features_only``) takes the weights it has; a classifier of another
+    size keeps its random initialization.
+
+    Raises:
+        MissingWeightsError: ``pretrained`` and the extra is not installed.
+        ValueError: ``pretrained`` and the model's other tensors do not fit the weights (e.g. ``in_chans=1``).
     """
     kwargs.pop("pretrained_cfg", None)  # the architecture's own (ImageNet-1k) configuration applies
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    kwargs.pop("pretrained_cfg_overlay", None)
+    model = timm.create_model(ARCHITECTURE, pretrained=False, **kwargs)
     if pretrained:
-        overlay["state_dict"] = efficientnet_lite0_state_dict()
-    model = timm.create_model(ARCHITECTURE, pretrained=pretrained, pretrained_cfg_overlay=overlay or None, **kwargs)
-    for config in (getattr(model, "pretrained_cfg", None), getattr(model, "default_cfg", None)):
-        if isinstance(config, dict):
-            config.pop("state_dict", None)  # keep the tensors out of the model's metadata
+        own = model.state_dict()
+        weights = {
+            name: tensor
+            for name, tensor in efficientnet_lite0_state_dict().items()
+            if name in own and own[name].shape == tensor.shape
+        }
+        unfit = sorted(name for name in set(own) - set(weights) if not name.startswith("classifier."))
+        if unfit:
+            msg = f"{OFFLINE_BACKBONE} built with {kwargs} cannot take the ImageNet weights: {unfit[:5]} do not fit"
+            raise ValueError(msg)
+        model.load_state_dict(weights, strict=False)
     return model
 
 
