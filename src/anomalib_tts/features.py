@@ -185,14 +185,20 @@ def create_backbone(
             raise
         raise MissingWeightsError(_missing_weights_message(backbone, error)) from error
     if list(extractor.layers) != list(layers):
-        import timm
-
-        offered = timm.create_model(backbone, pretrained=False, features_only=True).feature_info.module_name()
-        msg = f"layers {list(layers)} are not all layers of backbone {backbone!r}; it offers {offered}"
-        raise ValueError(msg)
+        check_layers(backbone, layers)
     if weights is not None:
         load_weights(extractor, weights, backbone)
     return extractor.eval().requires_grad_(False)
+
+
+def check_layers(backbone: str, layers: Sequence[str]) -> None:
+    """``ValueError`` listing the layers ``backbone`` offers unless it has all of ``layers`` (random weights)."""
+    import timm
+
+    offered = timm.create_model(backbone, pretrained=False, features_only=True).feature_info.module_name()
+    if not set(layers) <= set(offered):
+        msg = f"layers {list(layers)} are not all layers of backbone {backbone!r}; it offers {offered}"
+        raise ValueError(msg)
 
 
 def load_weights(extractor: nn.Module, weights: str | Path, backbone: str) -> None:
