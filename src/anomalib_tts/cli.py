@@ -16,7 +16,12 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     parser.add_argument("--dataset-root", type=Path, help="MVTec-layout root; omitted: generate a synthetic dataset")
     parser.add_argument("--category", default="texture", help="category folder under the root (default: texture)")
     parser.add_argument("--output", type=Path, default=Path("results/anomalib-tts-demo"), help="where results go")
-    parser.add_argument("--backbone", default="wide_resnet50_2", help="timm backbone of PatchCore and the refinement")
+    parser.add_argument(
+        "--backbone",
+        default="wide_resnet50_2",
+        help="timm backbone of PatchCore and the refinement; when its weights cannot be fetched, the offline "
+        "extra's tf_efficientnet_lite0_offline is used instead",
+    )
     parser.add_argument("--layers", nargs="+", help="backbone layers (default: the usual ones for the backbone)")
     parser.add_argument("--weights", type=Path, help="local backbone state dict, for machines without network")
     parser.add_argument("--image-size", type=int, default=256)
