@@ -81,6 +81,20 @@ def test_mask_writer_warns_on_predictions_without_masks(tmp_path: Path, caplog: 
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_mask_writer_says_how_many_masks_it_wrote_and_where(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer = MaskWriter(output_dir=str(tmp_path / "masks"))
+    trainer = _trainer(tmp_path)
+    paths = [str(tmp_path / "in" / f"{index}.png") for index in range(3)]
+    with caplog.at_level(logging.INFO):
+        writer.on_predict_epoch_start(trainer, None)
+        for batch_idx, batch_paths in enumerate((paths[:2], paths[2:])):
+            predictions = SimpleNamespace(pred_mask=torch.ones(len(batch_paths), 4, 4) > 0, image_path=batch_paths)
+            writer.write_on_batch_end(trainer, None, predictions, None, None, batch_idx, 0)
+        writer.on_predict_epoch_end(trainer, None)
+    assert f"wrote 3 masks to {(tmp_path / 'masks').resolve()}" in caplog.text
+    assert len(list((tmp_path / "masks").rglob("*.png"))) == 3
+
+
 def test_mask_writer_rejects_an_empty_folder_name() -> None:
     with pytest.raises(ValueError, match="output_dir"):
         MaskWriter(output_dir=" ")

@@ -221,6 +221,7 @@ def _write_images(source: Path, target: Path) -> list[Path]:
     return written
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_without_masks_with_grayscale_and_rgba_files(
     synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -311,6 +312,7 @@ def test_same_images_give_identical_masks_again_and_in_any_batch_order(with_path
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_with_the_callback_loads_with_and_without_it(
     synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -443,6 +445,7 @@ def _run_ddp_script(root: Path, checkpoint: Path, out: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_refines_each_image_once_with_the_single_process_results(
     synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -12,6 +12,8 @@ from anomalib_tts.classifiers import (
 )
 from anomalib_tts.features import FEATURES, FeaturePyramid, FeatureSource, Modalities, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures
+from anomalib_tts.offline import OFFLINE_BACKBONE
+from anomalib_tts.offline import register as _register_offline_backbone
 from anomalib_tts.pseudo_labels import (
     LABELERS,
     NominalAware,
@@ -28,6 +30,7 @@ __all__ = [
     "CLASSIFIERS",
     "FEATURES",
     "LABELERS",
+    "OFFLINE_BACKBONE",
     "Decision",
     "FeaturePyramid",
     "FeatureSource",
@@ -54,3 +57,5 @@ __all__ = [
     "TimmFeatures",
 ]
 __version__ = "0.1.0"
+
+_register_offline_backbone()  # the timm name OFFLINE_BACKBONE, for anomalib models and the callback alike
