@@ -273,6 +273,7 @@ class TestTimeSegmentation(Callback):
         self.stages = tuple(stages)
         self.nominal_threshold = 0.5
         self.stats = RefinementStats()
+        self._warned: set[str] = set()  # reasons already warned about this epoch
         self._post_processor: Any = None
         self._raw_maps = RawMapKeeper()
 
@@ -341,11 +342,20 @@ class TestTimeSegmentation(Callback):
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.stats = RefinementStats()
+        self._start_epoch()
 
     @override
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_epoch()
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "validate" in self.stages and trainer.state.fn == "validate":
+            self._start_epoch()
+
+    def _start_epoch(self) -> None:
         self.stats = RefinementStats()
+        self._warned = set()
 
     @override
     def on_test_batch_end(
@@ -380,6 +390,11 @@ class TestTimeSegmentation(Callback):
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_summary()
 
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "validate" in self.stages and trainer.state.fn == "validate":
+            self._log_summary()
+
     def _log_summary(self) -> None:
         logger.info(
             "test-time segmentation: refined %d of %d images (%s), %.1f ms per image",
@@ -397,7 +412,9 @@ class TestTimeSegmentation(Callback):
         """
         anomaly_map: Tensor | None = getattr(batch, "anomaly_map", None)
         if anomaly_map is None:
-            logger.warning("test-time segmentation: the batch has no anomaly_map; masks left as they are")
+            self._warn_once(
+                "no_anomaly_map", "test-time segmentation: a batch has no anomaly_map; masks left as they are"
+            )
             return None
         start = time.perf_counter()
         unclipped = self._raw_maps.take_unclipped(self._post_processor, anomaly_map.shape)
@@ -418,14 +435,25 @@ class TestTimeSegmentation(Callback):
         self._warn_kept(result, paths)
         return result
 
-    @staticmethod
-    def _warn_kept(result: Refinement, paths: Sequence[str] | None) -> None:
-        """Warn, naming the image, where refinement should have run but could not."""
+    def _warn_kept(self, result: Refinement, paths: Sequence[str] | None) -> None:
+        """Warn where refinement should have run but could not: once per reason and epoch, naming the first image.
+
+        The epoch's summary line (logged at its end) counts every image of each reason.
+        """
         unexpected = torch.isin(result.outcome, result.outcome.new_tensor(WARNED_OUTCOMES))
         for index in unexpected.nonzero()[:, 0].tolist():
-            name = paths[index] if paths else f"image {index} of the batch"
             reason = Outcome(int(result.outcome[index])).name.lower()
-            logger.warning("test-time segmentation kept anomalib's mask for %s (%s)", name, reason)
+            name = paths[index] if paths else f"image {index} of a batch"
+            self._warn_once(
+                reason,
+                f"test-time segmentation kept anomalib's mask for {name} ({reason}); further images kept for this "
+                "reason are counted in the summary line at the end of the epoch",
+            )
+
+    def _warn_once(self, reason: str, message: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning(message)
 
 
 def _component(registry: Registry[T], component: Any, deprecated_args: dict[str, Any] | None, argument: str) -> T:
