@@ -195,3 +195,13 @@ def test_models_without_a_timm_feature_extractor_need_a_timm_backbone(model_name
     model = model_class(pre_trained=False) if model_name == "Fastflow" else model_class()
     with pytest.raises(ValueError, match="TimmFeatureExtractor"):
         TestTimeSegmentation(features="model").refiner.features.setup(model)
+
+
+def test_mask_writer_writes_outside_lightning_into_its_output_dir(tmp_path: Path) -> None:
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[1:3, 1:3] = True
+    written = MaskWriter(output_dir=str(tmp_path / "masks"), input_size=False).write(mask, str(tmp_path / "in/a.jpg"))
+    assert written.suffix == ".png" and written.is_relative_to(tmp_path / "masks")
+    assert (np.array(Image.open(written)) > 127).tolist() == mask.tolist()
+    with pytest.raises(ValueError, match="needs output_dir"):
+        MaskWriter().write(mask, str(tmp_path / "in/a.jpg"))

@@ -307,8 +307,7 @@ class TestTimeSegmentation(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._post_processor = getattr(pl_module, "post_processor", None) or None
-        if self._post_processor is None and stage in self.stages:
+        if (getattr(pl_module, "post_processor", None) or None) is None and stage in self.stages:
             msg = (
                 f"TestTimeSegmentation reads the normalized maps and pixel threshold of the model's PostProcessor; "
                 f"{type(pl_module).__name__} has none: keep post_processor=True (the default) or pass a "
@@ -316,6 +315,15 @@ class TestTimeSegmentation(Callback):
             )
             raise ValueError(msg)
         self._place_after_post_processor(trainer, pl_module)
+        self.bind(pl_module)
+
+    def bind(self, pl_module: LightningModule | None) -> None:
+        """Read the pixel threshold of the model's PostProcessor and set up the feature source for the model.
+
+        ``setup`` calls it in a Lightning run; outside one (:class:`anomalib_tts.deploy.SegmentationRefiner`) it is
+        called with the model the maps come from, or ``None`` (maps normalized around 0.5, no model features).
+        """
+        self._post_processor = getattr(pl_module, "post_processor", None) or None
         if self._post_processor is not None and hasattr(self._post_processor, "normalized_pixel_threshold"):
             self.nominal_threshold = float(self._post_processor.normalized_pixel_threshold)
         self.refiner.features.setup(pl_module)

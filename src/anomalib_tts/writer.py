@@ -93,10 +93,17 @@ class MaskWriter(BasePredictionWriter):
             self.write(mask, path, trainer)
         self._written += len(masks)
 
-    def write(self, mask: Tensor, input_path: str, trainer: Trainer) -> Path:
-        """Save one ``(H, W)`` bool mask for the image at ``input_path``; returns the file written."""
+    def write(self, mask: Tensor, input_path: str, trainer: Trainer | None = None) -> Path:
+        """Save one ``(H, W)`` bool mask for the image at ``input_path``; returns the file written.
+
+        ``trainer`` gives the default folder and the dataset's name; outside Lightning (``None``) ``output_dir`` must
+        be set.
+        """
         from anomalib.utils.path import generate_output_filename
 
+        if self.output_dir is None and trainer is None:
+            msg = "MaskWriter.write without a trainer needs output_dir"
+            raise ValueError(msg)
         output_dir = self.output_dir or Path(trainer.default_root_dir) / "masks"
         datamodule = getattr(trainer, "datamodule", None)
         target = generate_output_filename(
