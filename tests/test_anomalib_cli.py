@@ -43,20 +43,6 @@ for run in json.loads(sys.argv[2]):
 json.dump(results, open(sys.argv[1], "w"))
 """
 
-# `anomalib predict` as its entry point runs it, then saves what Engine.predict returned and the callback order.
-PREDICT_AND_KEEP = """
-import sys, torch
-from anomalib.cli.cli import AnomalibCLI
-cli = AnomalibCLI(args=sys.argv[2:])
-predictions = cli.engine.trainer.predict_loop.predictions
-torch.save({
-    "paths": [path for batch in predictions for path in batch.image_path],
-    "pred_masks": torch.cat([batch.pred_mask.reshape(-1, *batch.pred_mask.shape[-2:]) for batch in predictions]),
-    "anomaly_maps": torch.cat([batch.anomaly_map.reshape(-1, *batch.anomaly_map.shape[-2:]) for batch in predictions]),
-    "callbacks": [type(callback).__name__ for callback in cli.engine.trainer.callbacks],
-}, sys.argv[1])
-"""
-
 
 def _python_path(*folders: Path) -> str:
     """``PYTHONPATH`` for a subprocess: ``folders`` first, then the one this process was started with."""
@@ -298,24 +284,15 @@ def _png(path: Path) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_predict_on_a_folder_writes_the_refined_masks_it_returns(
-    synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
-) -> None:
-    images = synthetic_root / "texture" / "test"
-    arguments = [
-        "predict", "--config", str(CONFIGS / "padim.yaml"), "--model.init_args.pre_trained", "false",
-        "--ckpt_path", str(padim_checkpoint), "--data", str(images), "--default_root_dir", str(tmp_path / "results"),
-    ]  # fmt: skip
-    run_python("-c", PREDICT_AND_KEEP, str(tmp_path / "predictions.pt"), *arguments, cwd=tmp_path)
-    returned = torch.load(tmp_path / "predictions.pt")
-
+def test_predict_on_a_folder_writes_the_refined_masks_it_returns(folder_predictions: dict) -> None:
+    returned, images = folder_predictions["returned"], folder_predictions["images"]
     order = returned["callbacks"]
     post_processor, refinement = order.index("PostProcessor"), order.index("TestTimeSegmentation")
     assert post_processor < refinement < order.index("ImageVisualizer")  # saved images show the refined masks
     assert refinement < order.index("MaskWriter")
 
     assert len(returned["paths"]) == len(list(images.rglob("*.png"))) == 15
-    masks_dir = next((tmp_path / "results").rglob("masks"))
+    masks_dir = folder_predictions["masks"]
     differs = []
     outputs = zip(returned["paths"], returned["pred_masks"], returned["anomaly_maps"], strict=True)
     for path, mask, anomaly_map in outputs:

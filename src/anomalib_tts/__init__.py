@@ -10,6 +10,7 @@ from anomalib_tts.classifiers import (
     LogisticRegression,
     PixelClassifier,
 )
+from anomalib_tts.deploy import SegmentationRefiner
 from anomalib_tts.features import FEATURES, FeaturePyramid, FeatureSource, Modalities, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures
 from anomalib_tts.offline import OFFLINE_BACKBONE
@@ -52,6 +53,7 @@ __all__ = [
     "Refinement",
     "RgbdFeatures",
     "RobustNominal",
+    "SegmentationRefiner",
     "TestTimeRefiner",
     "TestTimeSegmentation",
     "TimmFeatures",
