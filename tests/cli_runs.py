@@ -25,3 +25,18 @@ def run_python(*arguments: str, cwd: Path, **environment: str) -> str:
 def run_anomalib(*arguments: str, cwd: Path, **environment: str) -> str:
     """``anomalib *arguments`` (the module its entry point runs)."""
     return run_python("-m", "anomalib.cli.cli", *arguments, cwd=cwd, **environment)
+
+
+# `anomalib predict` as its entry point runs it, then saves what Engine.predict returned and the callback order.
+PREDICT_AND_KEEP = """
+import sys, torch
+from anomalib.cli.cli import AnomalibCLI
+cli = AnomalibCLI(args=sys.argv[2:])
+predictions = cli.engine.trainer.predict_loop.predictions
+torch.save({
+    "paths": [path for batch in predictions for path in batch.image_path],
+    "pred_masks": torch.cat([batch.pred_mask.reshape(-1, *batch.pred_mask.shape[-2:]) for batch in predictions]),
+    "anomaly_maps": torch.cat([batch.anomaly_map.reshape(-1, *batch.anomaly_map.shape[-2:]) for batch in predictions]),
+    "callbacks": [type(callback).__name__ for callback in cli.engine.trainer.callbacks],
+}, sys.argv[1])
+"""

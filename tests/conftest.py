@@ -7,7 +7,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPOSITORY = Path(__file__).resolve().parents[1]
+CONFIGS = REPOSITORY / "configs"
+SHARED = REPOSITORY.parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +54,28 @@ def padim_checkpoint(synthetic_root: Path, tmp_path_factory: pytest.TempPathFact
     checkpoint = workdir / "padim.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
     return checkpoint
+
+
+@pytest.fixture(scope="session")
+def folder_predictions(synthetic_root: Path, padim_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``anomalib predict`` with ``configs/padim.yaml`` (random weights) on the synthetic test images, as a folder.
+
+    Returns ``images`` (the folder), ``returned`` (what Engine.predict returned: ``paths``, ``pred_masks``,
+    ``anomaly_maps``, and the trainer's ``callbacks`` in order) and ``masks`` (the folder MaskWriter wrote).
+    """
+    import torch
+
+    from tests.cli_runs import PREDICT_AND_KEEP, run_python
+
+    workdir = tmp_path_factory.mktemp("folder_predictions")
+    images = synthetic_root / "texture" / "test"
+    arguments = [
+        "predict", "--config", str(CONFIGS / "padim.yaml"), "--model.init_args.pre_trained", "false",
+        "--ckpt_path", str(padim_checkpoint), "--data", str(images), "--default_root_dir", str(workdir / "results"),
+    ]  # fmt: skip
+    run_python("-c", PREDICT_AND_KEEP, str(workdir / "predictions.pt"), *arguments, cwd=workdir)
+    return {
+        "images": images,
+        "returned": torch.load(workdir / "predictions.pt"),
+        "masks": next((workdir / "results").rglob("masks")),
+    }

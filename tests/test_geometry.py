@@ -199,6 +199,7 @@ def _f1(masks: torch.Tensor, truth: torch.Tensor) -> float:
     return float((2 * overlap / (masks.flatten(1).sum(dim=1) + truth.flatten(1).sum(dim=1))).mean())
 
 
+@pytest.mark.slow
 def test_rgb_cannot_refine_a_geometry_only_defect_and_rgb_plus_geometry_can(groove_root: Path) -> None:
     from anomalib.data import MVTec3D
 
@@ -229,6 +230,7 @@ def test_rgb_cannot_refine_a_geometry_only_defect_and_rgb_plus_geometry_can(groo
     assert geometry_f1 > max(rgb_f1, threshold_f1) + 0.1
 
 
+@pytest.mark.slow
 def test_anomalib_mvtec3d_depth_maps_reach_the_callback_in_engine_test(
     groove_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

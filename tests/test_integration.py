@@ -9,6 +9,8 @@ from anomalib_tts import TestTimeSegmentation
 
 from .conftest import make_datamodule, make_padim
 
+pytestmark = pytest.mark.slow  # every test reads one PaDiM test run with and without the callback
+
 
 class RecordingSegmentation(TestTimeSegmentation):
     """Keeps every mask the callback writes, with the ground truth, to recompute the metric."""

@@ -81,6 +81,20 @@ def test_mask_writer_warns_on_predictions_without_masks(tmp_path: Path, caplog: 
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_mask_writer_says_how_many_masks_it_wrote_and_where(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer = MaskWriter(output_dir=str(tmp_path / "masks"))
+    trainer = _trainer(tmp_path)
+    paths = [str(tmp_path / "in" / f"{index}.png") for index in range(3)]
+    with caplog.at_level(logging.INFO):
+        writer.on_predict_epoch_start(trainer, None)
+        for batch_idx, batch_paths in enumerate((paths[:2], paths[2:])):
+            predictions = SimpleNamespace(pred_mask=torch.ones(len(batch_paths), 4, 4) > 0, image_path=batch_paths)
+            writer.write_on_batch_end(trainer, None, predictions, None, None, batch_idx, 0)
+        writer.on_predict_epoch_end(trainer, None)
+    assert f"wrote 3 masks to {(tmp_path / 'masks').resolve()}" in caplog.text
+    assert len(list((tmp_path / "masks").rglob("*.png"))) == 3
+
+
 def test_mask_writer_rejects_an_empty_folder_name() -> None:
     with pytest.raises(ValueError, match="output_dir"):
         MaskWriter(output_dir=" ")
@@ -181,3 +195,13 @@ def test_models_without_a_timm_feature_extractor_need_a_timm_backbone(model_name
     model = model_class(pre_trained=False) if model_name == "Fastflow" else model_class()
     with pytest.raises(ValueError, match="TimmFeatureExtractor"):
         TestTimeSegmentation(features="model").refiner.features.setup(model)
+
+
+def test_mask_writer_writes_outside_lightning_into_its_output_dir(tmp_path: Path) -> None:
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[1:3, 1:3] = True
+    written = MaskWriter(output_dir=str(tmp_path / "masks"), input_size=False).write(mask, str(tmp_path / "in/a.jpg"))
+    assert written.suffix == ".png" and written.is_relative_to(tmp_path / "masks")
+    assert (np.array(Image.open(written)) > 127).tolist() == mask.tolist()
+    with pytest.raises(ValueError, match="needs output_dir"):
+        MaskWriter().write(mask, str(tmp_path / "in/a.jpg"))

@@ -99,6 +99,60 @@ def test_a_map_with_few_finite_pixels_keeps_its_mask_and_the_warning_names_the_i
     assert "images/001.png" not in caplog.text
 
 
+def test_images_kept_for_one_reason_warn_once_per_epoch_and_the_summary_counts_them_all(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    callback = _callback()
+    trainer, module = Trainer(logger=False), LightningModule()
+
+    def epoch(first: int) -> str:
+        """Two batches of 3 images; two of each batch have too few finite pixels. Returns what was logged."""
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="anomalib_tts.callback"):
+            callback.on_predict_epoch_start(trainer, module)
+            for batch_start in (first, first + 3):
+                images, maps = _scene(3, (32, 32), seed=batch_start)
+                maps[:2] = float("nan")
+                paths = [f"images/{index:03d}.png" for index in range(batch_start, batch_start + 3)]
+                callback.refine_batch(_batch(images, maps, paths))
+            callback.refine_batch(SimpleNamespace(anomaly_map=None))
+            callback.refine_batch(SimpleNamespace(anomaly_map=None))
+            callback.on_predict_epoch_end(trainer, module)
+        return caplog.text
+
+    logged = epoch(first=0)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 2  # one for few_valid (naming the first image), one for the batches without maps
+    assert "images/000.png (few_valid)" in warnings[0] and "summary line" in warnings[0]
+    assert "no anomaly_map" in warnings[1]
+    assert "refined 2 of 6 images (refined: 2, few_valid: 4)" in logged
+    logged = epoch(first=10)  # a new epoch warns again, naming its own first image
+    assert "images/010.png (few_valid)" in logged and "images/011.png" not in logged
+    assert sum(record.levelno == logging.WARNING for record in caplog.records) == 2
+
+
+def test_refinement_in_a_validate_run_logs_its_own_summary_line(caplog: pytest.LogCaptureFixture) -> None:
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    callback = _callback(stages=("validate",))
+    trainer, module = Trainer(logger=False), LightningModule()
+    callback.stats.images = 99  # left from an earlier run
+    trainer.state.fn = TrainerFn.VALIDATING
+    images, maps = _scene(2, (32, 32))
+    with caplog.at_level(logging.INFO, logger="anomalib_tts.callback"):
+        callback.on_validation_epoch_start(trainer, module)
+        callback.on_validation_batch_end(trainer, module, _batch(images, maps, _paths(2)), None, 0)
+        callback.on_validation_epoch_end(trainer, module)
+    assert "refined 2 of 2 images" in caplog.text
+    caplog.clear()
+    trainer.state.fn = TrainerFn.FITTING  # validation inside fit: neither refined nor summarized
+    with caplog.at_level(logging.INFO, logger="anomalib_tts.callback"):
+        callback.on_validation_epoch_start(trainer, module)
+        callback.on_validation_batch_end(trainer, module, _batch(images, maps, _paths(2)), None, 0)
+        callback.on_validation_epoch_end(trainer, module)
+    assert callback.stats.images == 2 and not caplog.text
+
+
 def _constant(maps: torch.Tensor) -> torch.Tensor:
     return torch.full_like(maps, 0.4)
 
@@ -223,6 +277,7 @@ def _write_images(source: Path, target: Path) -> list[Path]:
     return written
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_without_masks_with_grayscale_and_rgba_files(
     synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -418,6 +473,7 @@ def test_same_images_give_identical_masks_again_and_in_any_batch_order(with_path
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_with_the_callback_loads_with_and_without_it(
     synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -578,6 +634,7 @@ def _run_ddp_script(root: Path, checkpoint: Path, out: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_refines_each_image_once_with_the_single_process_results(
     synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -10,8 +10,11 @@ from anomalib_tts.classifiers import (
     LogisticRegression,
     PixelClassifier,
 )
+from anomalib_tts.deploy import SegmentationRefiner
 from anomalib_tts.features import FEATURES, FeaturePyramid, FeatureSource, Modalities, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures
+from anomalib_tts.offline import OFFLINE_BACKBONE
+from anomalib_tts.offline import register as _register_offline_backbone
 from anomalib_tts.pseudo_labels import (
     LABELERS,
     NominalAware,
@@ -28,6 +31,7 @@ __all__ = [
     "CLASSIFIERS",
     "FEATURES",
     "LABELERS",
+    "OFFLINE_BACKBONE",
     "Decision",
     "FeaturePyramid",
     "FeatureSource",
@@ -49,8 +53,11 @@ __all__ = [
     "Refinement",
     "RgbdFeatures",
     "RobustNominal",
+    "SegmentationRefiner",
     "TestTimeRefiner",
     "TestTimeSegmentation",
     "TimmFeatures",
 ]
 __version__ = "0.1.0"
+
+_register_offline_backbone()  # the timm name OFFLINE_BACKBONE, for anomalib models and the callback alike

@@ -272,6 +272,7 @@ class TestTimeSegmentation(Callback):
         self.stages = stages
         self.nominal_threshold = 0.5
         self.stats = RefinementStats()
+        self._warned: set[str] = set()  # reasons already warned about this epoch
         self._post_processor: Any = None
         self._raw_maps = RawMapKeeper()
 
@@ -305,10 +306,18 @@ class TestTimeSegmentation(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._post_processor = getattr(pl_module, "post_processor", None) or None
         if stage in self.stages:
-            check_post_processor(self._post_processor, type(pl_module).__name__)
+            check_post_processor(getattr(pl_module, "post_processor", None) or None, type(pl_module).__name__)
         self._place_after_post_processor(trainer, pl_module)
+        self.bind(pl_module)
+
+    def bind(self, pl_module: LightningModule | None) -> None:
+        """Read the pixel threshold of the model's PostProcessor and set up the feature source for the model.
+
+        ``setup`` calls it in a Lightning run; outside one (:class:`anomalib_tts.deploy.SegmentationRefiner`) it is
+        called with the model the maps come from, or ``None`` (maps normalized around 0.5, no model features).
+        """
+        self._post_processor = getattr(pl_module, "post_processor", None) or None
         if self._post_processor is not None and hasattr(self._post_processor, "normalized_pixel_threshold"):
             self.nominal_threshold = float(self._post_processor.normalized_pixel_threshold)
         self.refiner.features.setup(pl_module)
@@ -335,20 +344,24 @@ class TestTimeSegmentation(Callback):
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.stats = RefinementStats()
+        self._start_epoch()
 
     @override
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.stats = RefinementStats()
-
-    def _refines_validation(self, trainer: Trainer) -> bool:
-        """Validation is refined in ``trainer.validate`` only, never in the validation epochs of ``fit``."""
-        return "validate" in self.stages and trainer.state.fn == "validate"
+        self._start_epoch()
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._refines_validation(trainer):
-            self.stats = RefinementStats()
+            self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.stats = RefinementStats()
+        self._warned = set()
+
+    def _refines_validation(self, trainer: Trainer) -> bool:
+        """Validation is refined in ``trainer.validate`` only, never in the validation epochs of ``fit``."""
+        return "validate" in self.stages and trainer.state.fn == "validate"
 
     @override
     def on_test_batch_end(
@@ -414,7 +427,9 @@ class TestTimeSegmentation(Callback):
         """
         anomaly_map: Tensor | None = getattr(batch, "anomaly_map", None)
         if anomaly_map is None:
-            logger.warning("test-time segmentation: the batch has no anomaly_map; masks left as they are")
+            self._warn_once(
+                "no_anomaly_map", "test-time segmentation: a batch has no anomaly_map; masks left as they are"
+            )
             return None
         start = time.perf_counter()
         gated = self.gate == "pred_label"
@@ -437,14 +452,25 @@ class TestTimeSegmentation(Callback):
         self._warn_kept(result, paths)
         return result
 
-    @staticmethod
-    def _warn_kept(result: Refinement, paths: Sequence[str] | None) -> None:
-        """Warn, naming the image, where refinement should have run but could not."""
+    def _warn_kept(self, result: Refinement, paths: Sequence[str] | None) -> None:
+        """Warn where refinement should have run but could not: once per reason and epoch, naming the first image.
+
+        The epoch's summary line (logged at its end) counts every image of each reason.
+        """
         unexpected = torch.isin(result.outcome, result.outcome.new_tensor(WARNED_OUTCOMES))
         for index in unexpected.nonzero()[:, 0].tolist():
-            name = paths[index] if paths else f"image {index} of the batch"
             reason = Outcome(int(result.outcome[index])).name.lower()
-            logger.warning("test-time segmentation kept anomalib's mask for %s (%s)", name, reason)
+            name = paths[index] if paths else f"image {index} of a batch"
+            self._warn_once(
+                reason,
+                f"test-time segmentation kept anomalib's mask for {name} ({reason}); further images kept for this "
+                "reason are counted in the summary line at the end of the epoch",
+            )
+
+    def _warn_once(self, reason: str, message: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning(message)
 
 
 def _component(registry: Registry[T], component: Any, deprecated_args: dict[str, Any] | None, argument: str) -> T:

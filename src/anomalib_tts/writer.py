@@ -55,11 +55,22 @@ class MaskWriter(BasePredictionWriter):
             raise ValueError(msg)
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.input_size = input_size
+        self._written = 0
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         place_callback(trainer, self)
+
+    @override
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._written = 0
+
+    @override
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        output_dir = self.output_dir or Path(trainer.default_root_dir) / "masks"
+        logger.info("MaskWriter: wrote %d masks to %s", self._written, output_dir.resolve())
 
     @override
     def write_on_batch_end(
@@ -80,11 +91,19 @@ class MaskWriter(BasePredictionWriter):
         paths = getattr(prediction, "image_path", None) or [f"batch{batch_idx}_{i}.png" for i in range(len(masks))]
         for mask, path in zip(masks, paths, strict=True):
             self.write(mask, path, trainer)
+        self._written += len(masks)
 
-    def write(self, mask: Tensor, input_path: str, trainer: Trainer) -> Path:
-        """Save one ``(H, W)`` bool mask for the image at ``input_path``; returns the file written."""
+    def write(self, mask: Tensor, input_path: str, trainer: Trainer | None = None) -> Path:
+        """Save one ``(H, W)`` bool mask for the image at ``input_path``; returns the file written.
+
+        ``trainer`` gives the default folder and the dataset's name; outside Lightning (``None``) ``output_dir`` must
+        be set.
+        """
         from anomalib.utils.path import generate_output_filename
 
+        if self.output_dir is None and trainer is None:
+            msg = "MaskWriter.write without a trainer needs output_dir"
+            raise ValueError(msg)
         output_dir = self.output_dir or Path(trainer.default_root_dir) / "masks"
         datamodule = getattr(trainer, "datamodule", None)
         target = generate_output_filename(
