@@ -48,12 +48,51 @@ def superadd_threshold(nominal_pixels: Tensor, percentile: float = 95.0, factor:
     return round(float(values.kthvalue(rank + 1).values) * factor, 6)
 
 
-def _erode(masks: Tensor, kernel_size: int) -> Tensor:
-    """kornia's ``erosion`` with a square ``kernel_size`` kernel (origin ``kernel_size // 2``, geodesic border)."""
+def erode_maps(maps: Tensor, kernel_size: int) -> Tensor:
+    """``(B, H, W)`` grey-level erosion (minimum filter) with kornia's square kernel and geodesic border.
+
+    A binary map cut from the result at ``t`` is kornia's ``erosion`` of the map cut at ``t`` (a pixel stays in
+    the eroded set exactly when its whole window lies above ``t``), so one filter serves every threshold of a
+    sweep. The kernel's origin is at ``kernel_size // 2``, as in kornia.
+
+    Example:
+        >>> erode_maps(torch.tensor([[[0.0, 1.0, 1.0, 1.0]]]), 2).tolist()
+        [[[0.0, 0.0, 1.0, 1.0]]]
+    """
     before = kernel_size // 2
     after = kernel_size - 1 - before
-    padded = F.pad(masks.float(), (before, after, before, after), value=1.0)
-    return -F.max_pool2d(-padded, kernel_size, stride=1) > 0.5
+    padded = F.pad(maps[:, None].float(), (before, after, before, after), value=float("inf"))
+    return -F.max_pool2d(-padded, kernel_size, stride=1)[:, 0]
+
+
+def stable_thresholds(
+    scaled: Tensor, sample_rate: int = 4, min_interval_len: int = 4, kernel_size: int | None = 6
+) -> Tensor:
+    """MEBin's threshold of each map on the ``[0, 255]`` scale: the sweep, the erosion, the component counts.
+
+    Args:
+        scaled: ``(B, H, W)`` maps on the ``[0, 255]`` scale of the sweep.
+        sample_rate: Step of the sweep.
+        min_interval_len: Shortest stable run of the component count, in sweep steps.
+        kernel_size: Side of the square erosion kernel; ``None`` counts components without erosion.
+
+    Returns:
+        ``(B,)`` thresholds; a mask is ``scaled > threshold``.
+    """
+    from scipy import ndimage
+
+    if kernel_size is not None:
+        scaled = erode_maps(scaled, kernel_size)
+    levels = torch.arange(255, -1, -sample_rate, dtype=scaled.dtype, device=scaled.device)
+    binary = (scaled[:, None] > levels[None, :, None, None]).cpu().numpy()  # (B, levels, H, W)
+    connectivity = np.ones((3, 3), dtype=bool)
+    thresholds = [
+        stable_threshold(
+            [ndimage.label(level, structure=connectivity)[1] for level in image], min_interval_len, sample_rate
+        )
+        for image in binary
+    ]
+    return torch.tensor(thresholds, dtype=scaled.dtype, device=scaled.device)
 
 
 def stable_threshold(component_counts: Sequence[int], min_interval_len: int, sample_rate: int) -> int:
@@ -120,8 +159,6 @@ def mebin_masks(
         >>> [int(mask.sum()) for mask in mebin_masks(maps[1:])]  # alone, it is found
         [36]
     """
-    from scipy import ndimage
-
     if sample_rate <= 0 or min_interval_len <= 0 or kernel_size <= 0:
         msg = (
             f"sample_rate, min_interval_len and kernel_size must be positive, got {sample_rate}, "
@@ -137,14 +174,6 @@ def mebin_masks(
             return torch.zeros_like(maps, dtype=torch.bool)
     span = high - low
     scaled = torch.where(maps < low, 0.0, ((maps - low) / span * 255).clamp(0, 255))
-    levels = torch.arange(255, -1, -sample_rate, dtype=scaled.dtype, device=scaled.device)
-    connectivity = np.ones((3, 3), dtype=bool)
-    thresholds = []
-    for image in scaled:
-        binary = image[None] > levels[:, None, None]
-        if erode:
-            binary = _erode(binary[:, None], kernel_size)[:, 0]
-        counts = [ndimage.label(level, structure=connectivity)[1] for level in binary.cpu().numpy()]
-        thresholds.append(stable_threshold(counts, min_interval_len, sample_rate))
-    raw = torch.tensor(thresholds, dtype=maps.dtype, device=maps.device) / 255 * span + low
+    thresholds = stable_thresholds(scaled, sample_rate, min_interval_len, kernel_size if erode else None)
+    raw = thresholds.to(maps.dtype) / 255 * span + low
     return maps > raw[:, None, None]
