@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from anomalib_tts import TestTimeSegmentation
+from anomalib_tts.checks import Evidence, SelfCheck
 
 from .conftest import make_datamodule, make_padim
 
@@ -71,3 +72,43 @@ def test_refinement_statistics_are_logged(tested: dict) -> None:
 def test_overlay_images_are_saved(tested: dict) -> None:
     images = list(Path(tested["refined"]["root"]).rglob("images/**/*.png"))
     assert len(images) == 15
+
+
+class EvenPositiveCount(SelfCheck):
+    """A check that passes about half of the images, whatever their data: those with an even count of positives."""
+
+    def __call__(self, evidence: Evidence) -> torch.Tensor:
+        return evidence.labels.positive.flatten(1).sum(dim=1) % 2 == 0
+
+
+class MaskHistory(TestTimeSegmentation):
+    """Keeps anomalib's mask and the written mask of every image, with its outcome."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def refine_batch(self, batch):
+        anomalib_masks = batch.pred_mask.clone()
+        result = super().refine_batch(batch)
+        self.history.append((anomalib_masks, batch.pred_mask.clone(), result.outcome.clone()))
+        return result
+
+
+def test_an_image_failing_the_self_check_keeps_anomalibs_mask_and_is_counted(
+    synthetic_root: Path, padim_checkpoint: Path, tmp_path: Path
+) -> None:
+    from anomalib.engine import Engine
+
+    from anomalib_tts.refiner import Outcome
+
+    callback = MaskHistory(features="model", self_check=EvenPositiveCount(), fallback="threshold")
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[callback])
+    metrics = engine.test(make_padim(), datamodule=make_datamodule(synthetic_root), ckpt_path=padim_checkpoint)[0]
+    anomalib_masks, written, outcome = (torch.cat(parts) for parts in zip(*callback.history, strict=True))
+    failed = outcome == Outcome.SELF_CHECK_FAILED
+    assert 0 < int(failed.sum()) < len(outcome)
+    assert bool((written[failed] == anomalib_masks[failed]).all())
+    assert bool((written[outcome == Outcome.REFINED] != anomalib_masks[outcome == Outcome.REFINED]).any())
+    assert metrics["tts_images_self_check_failed"] == int(failed.sum())
+    assert metrics["tts_images_refined"] == int((outcome == Outcome.REFINED).sum())

@@ -1,6 +1,17 @@
 """Test-time training for anomaly segmentation (TTT4AS) as an anomalib callback."""
 
 from anomalib_tts.callback import TestTimeSegmentation
+from anomalib_tts.checks import (
+    FALLBACKS,
+    SELF_CHECKS,
+    BoundedGrowth,
+    Evidence,
+    FallbackMask,
+    NoCheck,
+    SelfCheck,
+    StableThreshold,
+    ThresholdMask,
+)
 from anomalib_tts.classifiers import (
     CLASSIFIERS,
     Decision,
@@ -29,10 +40,15 @@ from anomalib_tts.writer import MaskWriter
 
 __all__ = [
     "CLASSIFIERS",
+    "FALLBACKS",
     "FEATURES",
     "LABELERS",
     "OFFLINE_BACKBONE",
+    "SELF_CHECKS",
+    "BoundedGrowth",
     "Decision",
+    "Evidence",
+    "FallbackMask",
     "FeaturePyramid",
     "FeatureSource",
     "GeometryFeatures",
@@ -43,6 +59,7 @@ __all__ = [
     "MaskWriter",
     "Modalities",
     "ModelFeatures",
+    "NoCheck",
     "NominalAware",
     "Outcome",
     "PeakRelative",
@@ -54,8 +71,11 @@ __all__ = [
     "RgbdFeatures",
     "RobustNominal",
     "SegmentationRefiner",
+    "SelfCheck",
+    "StableThreshold",
     "TestTimeRefiner",
     "TestTimeSegmentation",
+    "ThresholdMask",
     "TimmFeatures",
 ]
 __version__ = "0.1.0"

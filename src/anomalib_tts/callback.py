@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import Self, override
 
+from anomalib_tts.checks import FALLBACKS, SELF_CHECKS, FallbackMask, SelfCheck
 from anomalib_tts.classifiers import CLASSIFIERS, PixelClassifier
 from anomalib_tts.features import FEATURES, FeatureSource, ModelFeatures, TimmFeatures
 from anomalib_tts.geometry import RgbdFeatures
@@ -24,9 +25,11 @@ from anomalib_tts.validation import as_stages, batch_inputs, check_post_processo
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PSEUDO_LABELS = "relative"  # chosen by examples/choose_pseudo_labels.py, see the README
+DEFAULT_PSEUDO_LABELS = "relative"  # chosen by examples/choose_pseudo_labels.py, see docs/studies.md
 DEFAULT_FEATURES = "rgbd"  # WideResNet-50 (the paper's), with geometric features where a batch has a depth_map
-DEFAULT_CLASSIFIER = "logistic"  # chosen on both real datasets of the README
+DEFAULT_CLASSIFIER = "logistic"  # chosen on both real datasets of docs/studies.md
+DEFAULT_SELF_CHECK = "growth"  # chosen by worst case over six evaluation sets, examples/choose_defaults.py
+DEFAULT_FALLBACK = "stable"
 T = TypeVar("T")
 STAGES = ("test", "predict", "validate")
 WARNED_OUTCOMES = (Outcome.FEW_NEGATIVES, Outcome.FIT_FAILED, Outcome.FEW_VALID)  # should have refined, could not
@@ -80,6 +83,7 @@ class RefinementStats:
         return {
             "tts_images_refined": float(self.refined),
             "tts_images_kept": float(self.images - self.refined),
+            "tts_images_self_check_failed": float(self.outcomes["self_check_failed"]),
             "tts_mean_positives": self.positives / refined,
             "tts_mean_negatives": self.negatives / refined,
             "tts_seconds_per_image": self.seconds / max(self.images, 1),
@@ -169,10 +173,17 @@ class TestTimeSegmentation(Callback):
             ``"model"`` (``ModelFeatures``: the anomalib model's own ``TimmFeatureExtractor`` output, no second
             forward pass), ``"timm"``, ``"geometry"``, or a source object (e.g. ``TimmFeatures(backbone=...)``).
         classifier: Per-image classifier (:mod:`anomalib_tts.classifiers`): ``"logistic"`` (default,
-            ``LogisticRegression``, chosen on both real datasets of the README), ``"svm"`` (``LinearSVM``, squared
+            ``LogisticRegression``, chosen on both real datasets of docs/studies.md), ``"svm"`` (``LinearSVM``, squared
             hinge, the paper's), or a classifier object.
+        self_check: Whether an image's own evidence supports its refined mask (:mod:`anomalib_tts.checks`):
+            ``"growth"`` (default, ``BoundedGrowth``: the refined mask at most 4x its positive pseudo-labels),
+            ``"none"``, or a check object. An image that fails it is counted (``tts_self_check_failed``) and gets
+            the fallback mask.
+        fallback: The mask of every image that is not refined, gated ones aside: ``"stable"`` (default,
+            ``StableThreshold``: MEBin's stable threshold, as anomalib's ``MEBinPostProcessor`` but swept from 0.4
+            to the image's own peak), ``"threshold"`` (``ThresholdMask``: the mask anomalib made), or an object.
         gate: ``"none"`` refines every image whose map has confident defect pixels; ``"pred_label"`` refines
-            only images anomalib labels anomalous.
+            only images anomalib labels anomalous (the others keep anomalib's mask).
         max_positives: Cap on positives sampled per image.
         max_negatives: Cap on negatives sampled per image.
         min_positives: Fewer confident positives: the image keeps its mask.
@@ -225,6 +236,8 @@ class TestTimeSegmentation(Callback):
         pseudo_labels: str | PseudoLabeler = DEFAULT_PSEUDO_LABELS,
         features: str | FeatureSource = DEFAULT_FEATURES,
         classifier: str | PixelClassifier = DEFAULT_CLASSIFIER,
+        self_check: str | SelfCheck = DEFAULT_SELF_CHECK,
+        fallback: str | FallbackMask = DEFAULT_FALLBACK,
         gate: Literal["none", "pred_label"] = "none",
         max_positives: int = 1000,
         max_negatives: int = 1000,
@@ -267,6 +280,8 @@ class TestTimeSegmentation(Callback):
             max_negatives=max_negatives,
             min_positives=min_positives,
             min_negatives=min_negatives,
+            self_check=SELF_CHECKS.create(self_check),
+            fallback=FALLBACKS.create(fallback),
         )
         self.gate = gate
         self.stages = stages

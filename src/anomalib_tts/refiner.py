@@ -6,6 +6,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
+from anomalib_tts.checks import Evidence, FallbackMask, NoCheck, SelfCheck, ThresholdMask
 from anomalib_tts.classifiers import PixelClassifier
 from anomalib_tts.features import FeaturePyramid, FeatureSource, Modalities, flat_to_grid
 from anomalib_tts.pseudo_labels import PseudoLabeler, PseudoLabels
@@ -25,6 +26,7 @@ class Outcome(IntEnum):
     FEW_NEGATIVES = 3
     FIT_FAILED = 4  # the classifier produced no finite model
     FEW_VALID = 5  # too few finite scores in the map (NaN/inf) to label both classes
+    SELF_CHECK_FAILED = 6  # fitted, but the image's own evidence does not support the refined mask
 
 
 @dataclass
@@ -32,7 +34,8 @@ class Refinement:
     """Result for a batch.
 
     Attributes:
-        masks: ``(B, H, W)`` bool, the refined mask where ``outcome == REFINED``, the original elsewhere.
+        masks: ``(B, H, W)`` bool, the refined mask where ``outcome == REFINED``, the original where ``GATED``, the
+            fallback mask elsewhere (by default the original too).
         outcome: ``(B,)`` int64 :class:`Outcome` codes.
         num_positives: ``(B,)`` positives used for fitting (after the cap).
         num_negatives: ``(B,)`` negatives used for fitting (after the cap).
@@ -76,8 +79,9 @@ class TestTimeRefiner:
 
     The stages, in order: the pseudo-label recipe labels each map, :meth:`draw` samples training pixels from the
     labels, :meth:`screen` decides which images can be refined, the feature source computes the batch's features,
-    the classifier fits one model per image on the features at the drawn pixels, and the fitted decision labels
-    every pixel of the images it fitted.
+    the classifier fits one model per image on the features at the drawn pixels, the fitted decision labels
+    every pixel of the images it fitted, and the self-check decides which of those refined masks to keep. Images
+    that are not refined (gated ones aside) get the fallback mask.
 
     Args:
         labeler: Pseudo-label recipe.
@@ -87,6 +91,8 @@ class TestTimeRefiner:
         max_negatives: Cap on the negatives sampled per image.
         min_positives: Fewer confident positives than this: the image keeps its mask.
         min_negatives: Fewer confident negatives than this: the image keeps its mask.
+        self_check: Decides which refined masks the images' own evidence supports (:mod:`anomalib_tts.checks`).
+        fallback: The mask of the images that are not refined, gated ones aside.
 
     Example:
         >>> from anomalib_tts.classifiers import LinearSVM
@@ -111,6 +117,8 @@ class TestTimeRefiner:
         max_negatives: int = 1000,
         min_positives: int = 10,
         min_negatives: int = 10,
+        self_check: SelfCheck | None = None,
+        fallback: FallbackMask | None = None,
     ) -> None:
         max_positives = check_count("max_positives", max_positives)
         max_negatives = check_count("max_negatives", max_negatives)
@@ -126,6 +134,8 @@ class TestTimeRefiner:
         self.max_negatives = max_negatives
         self.min_positives = min_positives
         self.min_negatives = min_negatives
+        self.self_check = NoCheck() if self_check is None else self_check
+        self.fallback = ThresholdMask() if fallback is None else fallback
 
     def draw(self, labels: PseudoLabels, seeds: Tensor) -> TrainingPixels:
         """Sample up to the caps of positives and negatives per image (seeded per image, see ``sampling``)."""
@@ -185,6 +195,7 @@ class TestTimeRefiner:
         masks = masks.reshape(batch_size, height, width).bool()
         if not bool((outcome == Outcome.REFINED).any()):
             unrefined = torch.full_like(score_maps, float("nan"))
+            masks = self.fall_back(score_maps, masks, outcome, nominal_threshold)
             return Refinement(masks, outcome, pixels.num_positives, pixels.num_negatives, unrefined)
 
         pyramid = FeaturePyramid(self.features(inputs))
@@ -196,5 +207,20 @@ class TestTimeRefiner:
         refined = outcome == Outcome.REFINED
         decision_map = decision.score_map(pyramid, (height, width)).float()
         decision_map = torch.where(refined[:, None, None], decision_map, float("nan"))
+        supported = self.self_check(Evidence(score_maps, labels, decision_map, nominal_threshold))
+        outcome = torch.where(refined & ~supported.to(refined.device), int(Outcome.SELF_CHECK_FAILED), outcome)
+        refined = outcome == Outcome.REFINED
+        decision_map = torch.where(refined[:, None, None], decision_map, float("nan"))
         masks = torch.where(refined[:, None, None], decision_map > 0, masks)
+        masks = self.fall_back(score_maps, masks, outcome, nominal_threshold)
         return Refinement(masks, outcome, pixels.num_positives, pixels.num_negatives, decision_map)
+
+    def fall_back(self, score_maps: Tensor, masks: Tensor, outcome: Tensor, nominal_threshold: float) -> Tensor:
+        """``masks`` with the fallback mask on the images that are neither refined nor gated."""
+        falling_back = (outcome != Outcome.REFINED) & (outcome != Outcome.GATED)
+        if isinstance(self.fallback, ThresholdMask) or not bool(falling_back.any()):
+            return masks
+        replaced = self.fallback(score_maps[falling_back], masks[falling_back], nominal_threshold)
+        masks = masks.clone()
+        masks[falling_back] = replaced.to(masks.device, torch.bool)
+        return masks
