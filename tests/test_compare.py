@@ -107,14 +107,20 @@ def test_config_rejects_bad_arguments_by_name() -> None:
 def test_shipped_config_parses_with_overrides() -> None:
     from anomalib_tts.compare import parse_config
 
-    config_file = Path(__file__).resolve().parents[1] / "configs" / "compare.yaml"
-    config = parse_config(["--config", str(config_file), "--panels", "2"])
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    config = parse_config(["--config", str(configs / "compare.yaml"), "--panels", "2"])
     assert config.panels == 2
-    assert [dataset.name for dataset in config.datasets] == ["metal_plate", "magnetic_tile"]
-    assert all(set(dataset.checkpoints) == {"patchcore"} for dataset in config.datasets)
-    assert config.refinements[0].name == "default"
-    for refinement in config.refinements:
-        refinement.build()  # a ValueError naming the setting if its args do not fit the callback
+    categories = ["metal_plate", "magnetic_tile", "pcb"]
+    assert [dataset.name for dataset in config.datasets] == [
+        f"{c}{kind}" for c in categories for kind in ("", "_mixed")
+    ]
+    at_512 = parse_config(["--config", str(configs / "compare_pcb512.yaml")])
+    assert (at_512.image_size, [dataset.name for dataset in at_512.datasets]) == (512, ["pcb", "pcb_mixed"])
+    for shipped in (config, at_512):
+        assert all(set(dataset.checkpoints) == {"patchcore"} for dataset in shipped.datasets)
+        assert shipped.refinements[0].name == "default"
+        for refinement in shipped.refinements:
+            refinement.build()  # a ValueError naming the setting if its args do not fit the callback
 
 
 @pytest.fixture(scope="module")
