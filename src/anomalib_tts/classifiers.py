@@ -187,13 +187,13 @@ class LinearClassifier(PixelClassifier):
 
     Args:
         l2: L2 penalty on the weights (not the bias), > 0, against class weights that sum to 1 (the default,
-            1.0, was chosen on both real datasets of the README).
+            1.0, was chosen on both real datasets of docs/studies.md).
         solver: ``"auto"`` or a name of :data:`SOLVERS` (``"newton"``, ``"bound"``, ``"gradient"``).
         max_iter: Most steps; ``None`` takes the solver's ``default_steps`` (Newton 10, bound 50, gradient 200).
         power_iter: Power-iteration steps for the gradient solver's step size.
         projection: Fit on features projected to this many channels (fixed random matrix) when they are wider;
             ``None`` (default) fits on all channels. With 256, refining WideResNet-50 features (1536 channels)
-            took about a quarter of the time on CPU (268 -> 64 ms per image, README).
+            took about a quarter of the time on CPU (268 -> 64 ms per image, docs/speed.md).
     """
 
     curvature: float  # upper bound of the loss's second derivative (gradient step size, bound solver)

@@ -2,7 +2,7 @@
 
 :class:`MaskRecorder` is a callback that keeps what anomalib finally reports for every test image (the masks
 the Evaluator scores, the ground truth, the labels); :func:`segmentation_scores` turns that into the numbers
-the README reports; :func:`oracle_threshold` and :class:`NominalPixelStats` give the thresholds the refinement
+docs/results.md reports; :func:`oracle_threshold` and :class:`NominalPixelStats` give the thresholds the refinement
 is compared with. The refinement and the Evaluator metrics (:mod:`anomalib_tts.metrics`) do not import this
 module.
 """
@@ -98,7 +98,7 @@ class MaskRecorder(Callback):
 def segmentation_scores(
     pred_masks: Tensor, gt_masks: Tensor, pred_labels: Tensor, gt_labels: Tensor
 ) -> dict[str, float]:
-    """The numbers the README reports.
+    """The numbers ``anomalib-tts compare`` reports (docs/results.md).
 
     Returns:
         ``pixel_f1_all`` (pooled over all images: anomalib's ``pixel_F1Score``), ``pixel_f1_defective`` (pooled
