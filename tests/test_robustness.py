@@ -23,7 +23,7 @@ from anomalib_tts.classifiers import LinearSVM
 from anomalib_tts.features import Modalities, TimmFeatures
 from anomalib_tts.geometry import RgbdFeatures
 from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PeakRelative
-from anomalib_tts.refiner import Outcome, TestTimeRefiner
+from anomalib_tts.refiner import FALLBACK_OUTCOMES, Outcome, TestTimeRefiner
 
 from . import ddp_run
 from .conftest import make_datamodule, make_padim
@@ -578,8 +578,9 @@ def _agree(masks: torch.Tensor, expected: torch.Tensor, decision: torch.Tensor) 
 def test_property_masks_are_a_function_of_each_image_alone_and_unrefined_images_keep_theirs(
     data: tuple[torch.Tensor, torch.Tensor, list[int]],
 ) -> None:
-    """Whatever the maps: bool masks of the map's shape, the original mask wherever an image is not refined, the
-    classifier's decision where it is, and each image's mask the same in any batch order and alone."""
+    """Whatever the maps: bool masks of the map's shape, the classifier's decision where an image is refined, the
+    fallback's mask of the image alone where it has no confident defect or fails the self-check, the original
+    mask elsewhere, and each image's mask the same in any batch order and alone."""
     images, maps, order = data
     paths = _paths(maps.shape[0])
     callback = _callback()
@@ -594,8 +595,12 @@ def test_property_masks_are_a_function_of_each_image_alone_and_unrefined_images_
     assert masks.shape == maps.shape
     assert masks.dtype == torch.bool
     refined = result.refined
-    assert torch.equal(masks[~refined], original[~refined])
+    fallen_back = torch.isin(result.outcome, torch.tensor(FALLBACK_OUTCOMES))
+    kept = ~refined & ~fallen_back
+    assert torch.equal(masks[kept], original[kept])
     assert torch.equal(masks[refined], result.decision[refined] > 0)
+    fallback = callback.refiner.fallback(maps.float()[fallen_back], original[fallen_back], 0.5)
+    assert torch.equal(masks[fallen_back], fallback)
 
     permuted = _batch(images[order], maps[order], [paths[index] for index in order])
     permuted_result = callback.refine_batch(permuted)

@@ -179,7 +179,8 @@ class TestTimeSegmentation(Callback):
             ``"growth"`` (default, ``BoundedGrowth``: the refined mask at most 4x its positive pseudo-labels),
             ``"none"``, or a check object. An image that fails it is counted (``tts_self_check_failed``) and gets
             the fallback mask.
-        fallback: The mask of every image that is not refined, gated ones aside: ``"stable"`` (default,
+        fallback: The mask of every image without a confident defect or failing the self-check (gated images and
+            images that cannot be refined keep anomalib's): ``"stable"`` (default,
             ``StableThreshold``: MEBin's stable threshold, as anomalib's ``MEBinPostProcessor`` but swept from 0.4
             to the image's own peak), ``"threshold"`` (``ThresholdMask``: the mask anomalib made), or an object.
         gate: ``"none"`` refines every image whose map has confident defect pixels; ``"pred_label"`` refines

@@ -4,10 +4,10 @@ Two components, each chosen by name or object like the pipeline's other stages:
 
 - a :class:`SelfCheck` looks at a refined image's pseudo-labels, decision map and score map and says whether the
   refined mask may replace the image's mask (``SELF_CHECKS``: ``"growth"``, ``"none"``);
-- a :class:`FallbackMask` gives the mask of every image that is not refined, for whatever reason (no confident
-  defect, too few normal pixels, a failed fit or a failed self-check); gated images (``gate="pred_label"``) always
-  keep anomalib's mask (``FALLBACKS``: ``"threshold"``, anomalib's own mask; ``"stable"``, MEBin's per-image
-  stable threshold).
+- a :class:`FallbackMask` gives the mask of every image the refinement chose not to replace (no confident defect,
+  or a failed self-check); gated images (``gate="pred_label"``) and images that could not be refined (too few
+  negatives or finite scores, a failed fit) keep anomalib's mask (``FALLBACKS``: ``"threshold"``, anomalib's own
+  mask; ``"stable"``, MEBin's per-image stable threshold).
 """
 
 from abc import ABC, abstractmethod

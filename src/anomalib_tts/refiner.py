@@ -29,13 +29,16 @@ class Outcome(IntEnum):
     SELF_CHECK_FAILED = 6  # fitted, but the image's own evidence does not support the refined mask
 
 
+FALLBACK_OUTCOMES = (Outcome.FEW_POSITIVES, Outcome.SELF_CHECK_FAILED)  # images that get the fallback mask
+
+
 @dataclass
 class Refinement:
     """Result for a batch.
 
     Attributes:
-        masks: ``(B, H, W)`` bool, the refined mask where ``outcome == REFINED``, the original where ``GATED``, the
-            fallback mask elsewhere (by default the original too).
+        masks: ``(B, H, W)`` bool, the refined mask where ``outcome == REFINED``, the fallback mask where it is
+            ``FEW_POSITIVES`` or ``SELF_CHECK_FAILED`` (by default the original too), the original elsewhere.
         outcome: ``(B,)`` int64 :class:`Outcome` codes.
         num_positives: ``(B,)`` positives used for fitting (after the cap).
         num_negatives: ``(B,)`` negatives used for fitting (after the cap).
@@ -81,7 +84,7 @@ class TestTimeRefiner:
     labels, :meth:`screen` decides which images can be refined, the feature source computes the batch's features,
     the classifier fits one model per image on the features at the drawn pixels, the fitted decision labels
     every pixel of the images it fitted, and the self-check decides which of those refined masks to keep. Images
-    that are not refined (gated ones aside) get the fallback mask.
+    without a confident defect and those that fail the self-check get the fallback mask.
 
     Args:
         labeler: Pseudo-label recipe.
@@ -92,7 +95,7 @@ class TestTimeRefiner:
         min_positives: Fewer confident positives than this: the image keeps its mask.
         min_negatives: Fewer confident negatives than this: the image keeps its mask.
         self_check: Decides which refined masks the images' own evidence supports (:mod:`anomalib_tts.checks`).
-        fallback: The mask of the images that are not refined, gated ones aside.
+        fallback: The mask of the images without a confident defect or failing the self-check.
 
     Example:
         >>> from anomalib_tts.classifiers import LinearSVM
@@ -216,8 +219,12 @@ class TestTimeRefiner:
         return Refinement(masks, outcome, pixels.num_positives, pixels.num_negatives, decision_map)
 
     def fall_back(self, score_maps: Tensor, masks: Tensor, outcome: Tensor, nominal_threshold: float) -> Tensor:
-        """``masks`` with the fallback mask on the images that are neither refined nor gated."""
-        falling_back = (outcome != Outcome.REFINED) & (outcome != Outcome.GATED)
+        """``masks`` with the fallback mask on the images the refinement chose not to replace.
+
+        Those are the images without a confident defect and those that failed the self-check; gated images and
+        images that could not be refined (too few negatives or finite scores, a failed fit) keep their mask.
+        """
+        falling_back = torch.isin(outcome, outcome.new_tensor(FALLBACK_OUTCOMES))
         if isinstance(self.fallback, ThresholdMask) or not bool(falling_back.any()):
             return masks
         replaced = self.fallback(score_maps[falling_back], masks[falling_back], nominal_threshold)
