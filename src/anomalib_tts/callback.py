@@ -159,8 +159,10 @@ class TestTimeSegmentation(Callback):
     map (the pseudo-label recipe), pixel features of the batch are read at those pixels (the feature source), a
     classifier is fitted on them (all images of a batch at once, on the batch's device), and every pixel is
     classified. The callback places itself right after the model's PostProcessor, so anomalib's Evaluator,
-    Visualizer and returned predictions all see the refined masks. Images it cannot refine (no confident defect,
-    too few normal pixels) keep their mask.
+    Visualizer and returned predictions all see the refined masks. A self-check keeps a refined mask only where the
+    image's own evidence supports it; images without a confident defect or failing the check get the fallback
+    mask (by default MEBin's per-image stable threshold), images that cannot be refined (too few normal pixels)
+    keep anomalib's.
 
     Each of the three components is a registered name or an object; in YAML, ``class_path`` + ``init_args``, so
     that ``--print_config`` lists its options.
