@@ -164,7 +164,7 @@ class TestTimeSegmentation(Callback):
     mask (by default MEBin's per-image stable threshold), images that cannot be refined (too few normal pixels)
     keep anomalib's.
 
-    Each of the three components is a registered name or an object; in YAML, ``class_path`` + ``init_args``, so
+    Each of the five components is a registered name or an object; in YAML, ``class_path`` + ``init_args``, so
     that ``--print_config`` lists its options.
 
     Args:
