@@ -139,6 +139,30 @@ def report(results: dict[str, dict]) -> None:
         print(f"  {left_out}: {chosen}: {margins(results, chosen)[left_out]:+.3f}")
 
 
+DEFAULT = candidate_name(4.0, 0.4)  # the callback's defaults: BoundedGrowth(4.0), StableThreshold(floor=0.4)
+FORMER_DEFAULT = candidate_name(None, None)
+TABLE_ROWS = (*REALISTIC, "oracle (best pooled F1 on test)", FORMER_DEFAULT, DEFAULT)
+
+
+def baseline_table(results: dict[str, dict]) -> None:
+    """Each set's baselines, the former default and the default: mean F1 (defective) / pixel F1 (all) / alarms."""
+    print("\n| masks | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for row in TABLE_ROWS:
+        cells = [
+            "{mean_f1_defective:.3f} / {pixel_f1_all:.3f} / {false_alarm_rate:.2f}".format(**results[s][row])
+            for s in results
+        ]
+        label = {FORMER_DEFAULT: "former default (no self-check, anomalib's mask)", DEFAULT: f"**default** ({DEFAULT})"}
+        print(f"| {label.get(row, row)} | " + " | ".join(cells) + " |")
+    margin = margins(results, DEFAULT)
+    print(
+        "| default's margin over the best realistic baseline | "
+        + " | ".join(f"{margin[s]:+.3f}" for s in results)
+        + " |"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", help="anomalib-tts compare configs")
@@ -160,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 path.write_text(json.dumps(measure(config, dataset), indent=1))
             results[name] = json.loads(path.read_text())
     report(results)
+    baseline_table(results)
 
 
 if __name__ == "__main__":
