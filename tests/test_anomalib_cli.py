@@ -390,6 +390,9 @@ def test_a_new_recipe_feature_source_and_classifier_from_yaml_refine_in_anomalib
                 "pseudo_labels": {"class_path": "tests.custom_components.QuantileBands", "init_args": {"top": 0.03}},
                 "features": {"class_path": "tests.custom_components.ColourContrast", "init_args": {"window": 9}},
                 "classifier": {"class_path": "tests.custom_components.NearestPrototype"},
+                # the prototype's masks grow far beyond this recipe's 3% of positives: no self-check here
+                "self_check": {"class_path": "anomalib_tts.NoCheck"},
+                "fallback": {"class_path": "anomalib_tts.ThresholdMask"},
                 "max_positives": 200,
                 "max_negatives": 200,
             },
