@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from anomalib_tts.checks import Evidence, StableThreshold
+from anomalib_tts.checks import StableThreshold
 from anomalib_tts.compare import (
     BASELINES,
     MEBIN_ROW,
@@ -77,11 +77,10 @@ def measure(config, dataset) -> dict[str, dict[str, float]]:
         score_maps = batch.anomaly_map.reshape(-1, *batch.anomaly_map.shape[-2:]).float()
         labels = callback.refiner.labeler(score_maps, callback.nominal_threshold)
         result = callback.refine_batch(batch)
-        evidence = Evidence(score_maps, labels, result.decision, callback.nominal_threshold)
         refined.append(result.outcome.cpu() == Outcome.REFINED)
         decisions.append((result.decision > 0).cpu())
         mask_area = (result.decision > 0).flatten(1).sum(dim=1).float()
-        growth_ratio.append((mask_area / evidence.labels.positive.flatten(1).sum(dim=1).clamp(min=1)).cpu())
+        growth_ratio.append((mask_area / labels.positive.flatten(1).sum(dim=1).clamp(min=1)).cpu())
     callback.teardown(None, model, "test")  # type: ignore[arg-type]
     refined, decisions, growth_ratio = torch.cat(refined), torch.cat(decisions), torch.cat(growth_ratio)
 

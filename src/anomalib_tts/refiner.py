@@ -225,7 +225,7 @@ class TestTimeRefiner:
         images that could not be refined (too few negatives or finite scores, a failed fit) keep their mask.
         """
         falling_back = torch.isin(outcome, outcome.new_tensor(FALLBACK_OUTCOMES))
-        if isinstance(self.fallback, ThresholdMask) or not bool(falling_back.any()):
+        if not bool(falling_back.any()):
             return masks
         replaced = self.fallback(score_maps[falling_back], masks[falling_back], nominal_threshold)
         masks = masks.clone()
