@@ -79,20 +79,39 @@ def stable_thresholds(
     Returns:
         ``(B,)`` thresholds; a mask is ``scaled > threshold``.
     """
-    from scipy import ndimage
-
     if kernel_size is not None:
         scaled = erode_maps(scaled, kernel_size)
-    levels = torch.arange(255, -1, -sample_rate, dtype=scaled.dtype, device=scaled.device)
-    binary = (scaled[:, None] > levels[None, :, None, None]).cpu().numpy()  # (B, levels, H, W)
-    connectivity = np.ones((3, 3), dtype=bool)
+    levels = list(range(255, -1, -sample_rate))
     thresholds = [
-        stable_threshold(
-            [ndimage.label(level, structure=connectivity)[1] for level in image], min_interval_len, sample_rate
-        )
-        for image in binary
+        stable_threshold(component_counts(image, levels), min_interval_len, sample_rate)
+        for image in scaled.float().cpu().numpy()
     ]
     return torch.tensor(thresholds, dtype=scaled.dtype, device=scaled.device)
+
+
+def component_counts(image: np.ndarray, levels: Sequence[float]) -> list[int]:
+    """Connected components (8-connectivity) of ``image > level`` for each level.
+
+    Every cut lies inside the bounding box of the lowest one, and cuts at or above the image's maximum are empty,
+    so only that box is labeled, and only at the levels below its maximum: the same counts as labeling the whole
+    image at every level, at a fraction of the cost when the map's high values are concentrated.
+
+    Example:
+        >>> image = np.zeros((8, 8), dtype=np.float32)
+        >>> image[1, 1], image[1, 5], image[5, 5] = 9.0, 5.0, 5.0
+        >>> component_counts(image, [10, 6, 4, 0])
+        [0, 1, 3, 3]
+    """
+    from scipy import ndimage
+
+    rows = np.flatnonzero((image > min(levels)).any(axis=1))
+    columns = np.flatnonzero((image > min(levels)).any(axis=0))
+    if rows.size == 0:
+        return [0] * len(levels)
+    box = image[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+    peak = float(box.max())
+    connectivity = np.ones((3, 3), dtype=bool)
+    return [ndimage.label(box > level, structure=connectivity)[1] if level < peak else 0 for level in levels]
 
 
 def stable_threshold(component_counts: Sequence[int], min_interval_len: int, sample_rate: int) -> int:
