@@ -5,6 +5,7 @@ tensor ops on the batch's device. The draw for an image therefore depends only o
 on the batch it arrived in, and needs no generator state and no host-device copy.
 """
 
+import functools
 import zlib
 from collections.abc import Sequence
 
@@ -40,8 +41,13 @@ def random_keys(seeds: Tensor, stream: int, num_keys: int) -> Tensor:
     """
     seeds = seeds.to(torch.int64)
     row = _hash32(_hash32(seeds) ^ _hash32(torch.full_like(seeds, stream + 0x9E37)))
-    index = torch.arange(num_keys, device=seeds.device, dtype=torch.int64)
-    return _hash32(row[:, None] ^ _hash32(index)[None, :]) + 1
+    return _hash32(row[:, None] ^ _hashed_indices(num_keys, seeds.device)[None, :]) + 1
+
+
+@functools.lru_cache(maxsize=8)
+def _hashed_indices(num_keys: int, device: torch.device) -> Tensor:
+    """``_hash32(0 .. num_keys - 1)``: the same for every image and stream of a map size, so computed once."""
+    return _hash32(torch.arange(num_keys, device=device, dtype=torch.int64))
 
 
 def sample_pixels(candidates: Tensor, max_samples: int, seeds: Tensor, stream: int) -> tuple[Tensor, Tensor]:
