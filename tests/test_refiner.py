@@ -50,6 +50,31 @@ def test_refined_masks_beat_the_threshold_and_keep_shape_and_dtype() -> None:
     assert _f1(thresholded, truth) < 0.7
 
 
+class _Wide(FeatureSource):
+    """The images' colour repeated over many channels, plus noise channels: wider than max_channels."""
+
+    def __call__(self, inputs: Modalities) -> list[torch.Tensor]:
+        noise = torch.rand(inputs.image.shape[0], 2, *inputs.image.shape[2:], generator=torch.Generator().manual_seed(1))
+        return [inputs.image.repeat(1, 8, 1, 1), noise]
+
+
+class _RecordingSVM(LinearSVM):
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
+        self.channels = features.shape[2]
+        return super().fit(features, labels, valid)
+
+
+@pytest.mark.parametrize(("max_channels", "fitted_on"), [(16, 16), (None, 26), (64, 26)])
+def test_features_wider_than_max_channels_are_fitted_in_their_projection(max_channels, fitted_on: int) -> None:
+    images, maps, truth = _scene()
+    classifier = _RecordingSVM()
+    refiner = TestTimeRefiner(NominalAware(), _Wide(), classifier, max_channels=max_channels)
+    result = refiner(Modalities(images), maps, maps > 0.5, 0.5, torch.arange(4))
+    assert classifier.channels == fitted_on
+    assert result.refined.all()
+    assert _f1(result.masks, truth) > 0.8  # the defect's colour survives the projection
+
+
 def test_images_without_confident_defects_keep_their_mask() -> None:
     images, maps, _ = _scene(batch=2)
     maps[1] = 0.3 * maps[1] / maps[1].max()  # no pixel above the nominal threshold

@@ -335,6 +335,8 @@ def test_a_model_without_timm_extractor_and_model_features_fails_at_setup_saying
         ({"max_positives": 10.5}, "max_positives must be an integer"),
         ({"min_negatives": 10.0}, "min_negatives must be an integer"),
         ({"min_positives": True}, "min_positives must be an integer"),
+        ({"max_channels": 0}, "max_channels"),
+        ({"max_channels": 128.5}, "max_channels must be an integer"),
     ],
 )
 def test_invalid_arguments_raise_at_construction_naming_the_argument(kwargs: dict, named: str) -> None:

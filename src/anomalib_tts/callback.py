@@ -18,7 +18,7 @@ from anomalib_tts.features import FEATURES, FeatureSource, ModelFeatures, TimmFe
 from anomalib_tts.geometry import RgbdFeatures
 from anomalib_tts.placement import place_callback, remove_callbacks
 from anomalib_tts.pseudo_labels import LABELERS, PseudoLabeler
-from anomalib_tts.refiner import Outcome, Refinement, TestTimeRefiner
+from anomalib_tts.refiner import DEFAULT_MAX_CHANNELS, Outcome, Refinement, TestTimeRefiner
 from anomalib_tts.registry import Registry
 from anomalib_tts.sampling import content_seeds, path_seeds
 from anomalib_tts.validation import as_stages, batch_inputs, check_post_processor
@@ -191,6 +191,10 @@ class TestTimeSegmentation(Callback):
         max_negatives: Cap on negatives sampled per image.
         min_positives: Fewer confident positives: the image keeps its mask.
         min_negatives: Fewer confident negatives: the image keeps its mask.
+        max_channels: Pixel features wider than this are projected to this many channels by a fixed random matrix
+            before the fit (WideResNet-50's 1536 channels by default; ``features="model"`` with PatchCore's usual
+            EfficientNet layers are narrower and left as they are); ``None`` fits on every channel. See
+            docs/speed.md for what it saves and what it changes in the masks.
         stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"`` (one name alone is one
             stage).
         pseudo_label_args: Deprecated: keyword arguments of a recipe given by name; pass the recipe object.
@@ -246,6 +250,7 @@ class TestTimeSegmentation(Callback):
         max_negatives: int = 1000,
         min_positives: int = 10,
         min_negatives: int = 10,
+        max_channels: int | None = DEFAULT_MAX_CHANNELS,
         stages: str | Sequence[str] = ("test", "predict"),
         pseudo_label_args: dict[str, Any] | None = None,
         classifier_args: dict[str, Any] | None = None,
@@ -285,6 +290,7 @@ class TestTimeSegmentation(Callback):
             min_negatives=min_negatives,
             self_check=SELF_CHECKS.create(self_check),
             fallback=FALLBACKS.create(fallback),
+            max_channels=max_channels,
         )
         self.gate = gate
         self.stages = stages

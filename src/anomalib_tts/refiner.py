@@ -13,6 +13,7 @@ from anomalib_tts.pseudo_labels import PseudoLabeler, PseudoLabels
 from anomalib_tts.sampling import sample_pixels
 from anomalib_tts.validation import check_count
 
+DEFAULT_MAX_CHANNELS = 256  # chosen in docs/speed.md (speed on WideResNet-50, masks on real features)
 POSITIVE_STREAM = 1
 NEGATIVE_STREAM = 2
 
@@ -30,6 +31,12 @@ class Outcome(IntEnum):
 
 
 FALLBACK_OUTCOMES = (Outcome.FEW_POSITIVES, Outcome.SELF_CHECK_FAILED)  # images that get the fallback mask
+STAGE_PREFIX = "tts."
+
+
+def stage(name: str) -> torch.profiler.record_function:
+    """Marks one stage of the refinement for ``torch.profiler`` (``tts.<name>``; ``benchmark_speed.py --stages``)."""
+    return torch.profiler.record_function(STAGE_PREFIX + name)
 
 
 @dataclass
@@ -96,6 +103,8 @@ class TestTimeRefiner:
         min_negatives: Fewer confident negatives than this: the image keeps its mask.
         self_check: Decides which refined masks the images' own evidence supports (:mod:`anomalib_tts.checks`).
         fallback: The mask of the images without a confident defect or failing the self-check.
+        max_channels: Features wider than this are projected to this many channels (a fixed random matrix,
+            :class:`~anomalib_tts.features.FeaturePyramid`) before the fit; ``None`` fits on every channel.
 
     Example:
         >>> from anomalib_tts.classifiers import LinearSVM
@@ -122,6 +131,7 @@ class TestTimeRefiner:
         min_negatives: int = 10,
         self_check: SelfCheck | None = None,
         fallback: FallbackMask | None = None,
+        max_channels: int | None = DEFAULT_MAX_CHANNELS,
     ) -> None:
         max_positives = check_count("max_positives", max_positives)
         max_negatives = check_count("max_negatives", max_negatives)
@@ -139,6 +149,7 @@ class TestTimeRefiner:
         self.min_negatives = min_negatives
         self.self_check = NoCheck() if self_check is None else self_check
         self.fallback = ThresholdMask() if fallback is None else fallback
+        self.max_channels = None if max_channels is None else check_count("max_channels", max_channels)
 
     def draw(self, labels: PseudoLabels, seeds: Tensor) -> TrainingPixels:
         """Sample up to the caps of positives and negatives per image (seeded per image, see ``sampling``)."""
@@ -192,25 +203,34 @@ class TestTimeRefiner:
         """
         batch_size, height, width = score_maps.shape
         score_maps = score_maps.float()
-        labels = self.labeler(score_maps, nominal_threshold)
-        pixels = self.draw(labels, seeds)
-        outcome = self.screen(score_maps, pixels, eligible)
+        with stage("pseudo_labels"):
+            labels = self.labeler(score_maps, nominal_threshold)
+        with stage("draw"):
+            pixels = self.draw(labels, seeds)
+            outcome = self.screen(score_maps, pixels, eligible)
         masks = masks.reshape(batch_size, height, width).bool()
         if not bool((outcome == Outcome.REFINED).any()):
             unrefined = torch.full_like(score_maps, float("nan"))
             masks = self.fall_back(score_maps, masks, outcome, nominal_threshold)
             return Refinement(masks, outcome, pixels.num_positives, pixels.num_negatives, unrefined)
 
-        pyramid = FeaturePyramid(self.features(inputs))
-        training_features = pyramid.sample(flat_to_grid(pixels.index, height, width))
-        fitting = pixels.valid & (outcome == Outcome.REFINED)[:, None]
-        decision = self.classifier.fit(training_features, pixels.targets, fitting)
+        with stage("features"):
+            feature_maps = self.features(inputs)
+        with stage("standardize"):
+            pyramid = FeaturePyramid(feature_maps, max_channels=self.max_channels)
+        with stage("sample"):
+            training_features = pyramid.sample(flat_to_grid(pixels.index, height, width))
+        with stage("fit"):
+            fitting = pixels.valid & (outcome == Outcome.REFINED)[:, None]
+            decision = self.classifier.fit(training_features, pixels.targets, fitting)
 
         outcome = torch.where((outcome == Outcome.REFINED) & ~decision.fitted, int(Outcome.FIT_FAILED), outcome)
         refined = outcome == Outcome.REFINED
-        decision_map = decision.score_map(pyramid, (height, width)).float()
-        decision_map = torch.where(refined[:, None, None], decision_map, float("nan"))
-        supported = self.self_check(Evidence(score_maps, labels, decision_map, nominal_threshold))
+        with stage("score_map"):
+            decision_map = decision.score_map(pyramid, (height, width)).float()
+            decision_map = torch.where(refined[:, None, None], decision_map, float("nan"))
+        with stage("self_check"):
+            supported = self.self_check(Evidence(score_maps, labels, decision_map, nominal_threshold))
         outcome = torch.where(refined & ~supported.to(refined.device), int(Outcome.SELF_CHECK_FAILED), outcome)
         refined = outcome == Outcome.REFINED
         decision_map = torch.where(refined[:, None, None], decision_map, float("nan"))
@@ -227,7 +247,8 @@ class TestTimeRefiner:
         falling_back = torch.isin(outcome, outcome.new_tensor(FALLBACK_OUTCOMES))
         if not bool(falling_back.any()):
             return masks
-        replaced = self.fallback(score_maps[falling_back], masks[falling_back], nominal_threshold)
+        with stage("fallback"):
+            replaced = self.fallback(score_maps[falling_back], masks[falling_back], nominal_threshold)
         masks = masks.clone()
         masks[falling_back] = replaced.to(masks.device, torch.bool)
         return masks
