@@ -9,6 +9,10 @@ every 0.5 ms) and ``torch.cuda.max_memory_allocated`` on GPU. The table
 prints, per image, the model's time, the refinement's time, their ratio, the model's peak and the peak of test
 with refinement relative to it.
 
+``--stages`` profiles one more pass per row (``torch.profiler``, the refiner's ``tts.*`` ranges) and prints where
+the refinement's time goes, per image; on a GPU these are the times of the host code that launches each stage.
+``--threads`` sets torch's CPU threads.
+
 ``--check-masks`` also refines every test image twice, with the default layout (the linear model projected at
 each feature level's resolution, only the score map upsampled) and with an unoptimized one that classifies the
 bilinearly upsampled features of every pixel, and prints how far the masks differ.
@@ -30,7 +34,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,6 +51,7 @@ from anomalib_tts.callback import RawMapKeeper
 from anomalib_tts.classifiers import Decision, LinearDecision, LogisticRegression, PixelClassifier
 from anomalib_tts.features import FeatureSource, Modalities, ModelFeatures, TimmFeatures
 from anomalib_tts.metrics import f1_score
+from anomalib_tts.refiner import STAGE_PREFIX
 from anomalib_tts.sampling import path_seeds
 
 
@@ -123,6 +128,7 @@ class Row:
     refine_ms: float
     model_peak_mb: float
     with_refinement_peak_mb: float
+    stage_ms: dict[str, float] = field(default_factory=dict)
 
     def cells(self) -> list[str]:
         return [
@@ -257,7 +263,7 @@ def measure(
             model_seconds += step_seconds
             refine_seconds += refinement_seconds
             images += batch_images
-    return Row(
+    row = Row(
         image_size,
         batch_size,
         refine_backbone,
@@ -266,6 +272,23 @@ def measure(
         model_only.peak / 2**20,
         with_refinement.peak / 2**20,
     )
+    if arguments.stages:
+        row.stage_ms = stage_times(model, trainer, datamodule, device, num_batches)
+    return row
+
+
+def stage_times(model: Patchcore, trainer: SimpleNamespace, datamodule: MVTecAD, device, num_batches: int) -> dict:
+    """Milliseconds per image in each ``tts.*`` range of the refiner, over one more pass of the timed batches."""
+    images = 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _, _, batch_images in run_batches(model, trainer, datamodule.test_dataloader(), device, num_batches):
+            images += batch_images
+    totals: dict[str, float] = {}
+    for event in profile.events():
+        if event.name.startswith(STAGE_PREFIX):
+            name = event.name.removeprefix(STAGE_PREFIX)
+            totals[name] = totals.get(name, 0.0) + event.cpu_time_total / 1000 / max(images, 1)
+    return totals
 
 
 class FixedFeatures(FeatureSource):
@@ -330,6 +353,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="timed images per configuration (after warm-up)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--check-masks", action="store_true", help="compare with the full-resolution path")
+    parser.add_argument("--stages", action="store_true", help="also print the refinement's time per stage")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--classifier-args",
         type=json.loads,
@@ -337,6 +362,8 @@ def main() -> None:
         help="arguments of the callback's LogisticRegression, e.g. '{\"projection\": 256}'",
     )
     arguments = parser.parse_args()
+    if arguments.threads is not None:
+        torch.set_num_threads(arguments.threads)
     device = torch.device("cuda" if arguments.device != "cpu" and torch.cuda.is_available() else "cpu")
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -362,6 +389,14 @@ def main() -> None:
     print("|" + "---|" * len(HEADER))
     for row in rows:
         print("| " + " | ".join(row.cells()) + " |")
+    if arguments.stages:
+        names = list(dict.fromkeys(name for row in rows for name in row.stage_ms))
+        print("\nrefinement stages, ms per image (torch.profiler ranges; the first three columns as above)\n")
+        print("| size | batch | refine backbone | " + " | ".join(names) + " |")
+        print("|" + "---|" * (3 + len(names)))
+        for row in rows:
+            cells = [f"{row.stage_ms.get(name, 0.0):.2f}" for name in names]
+            print(f"| {row.image_size} | {row.batch_size} | {row.refine_backbone} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
