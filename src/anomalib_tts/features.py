@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from anomalib_tts.registry import Registry
 
 PROJECTION_SEED = 0
+ORTHONORMAL_JITTER = 1e-12
 SUBSPACE_ITERATIONS = 1  # products with F F^T per dominant subspace (docs/speed.md measures the masks with 1 and 2)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -143,12 +144,33 @@ def channel_budget(channels: Sequence[int], ranks: Sequence[int], total: int) ->
     return budget
 
 
+def orthonormal_basis(vectors: Tensor) -> Tensor:
+    """``(B, C, k)`` -> ``(B, C, k)``: orthonormal columns spanning each image's ``k`` vectors (Cholesky QR).
+
+    ``R^T R = V^T V`` (in float64, with a jitter of ``ORTHONORMAL_JITTER`` times the trace) gives ``V R^-1``: two
+    matrix products and a ``k x k`` factorization, several times faster than a Householder QR on CPU and
+    continuous in ``V``. Directions in which the vectors are (nearly) dependent come out shrunk rather than
+    amplified, so a rank-deficient set gives short columns instead of noise.
+
+    Example:
+        >>> basis = orthonormal_basis(torch.randn(2, 50, 5))
+        >>> bool(torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(5).expand(2, 5, 5), atol=1e-5))
+        True
+    """
+    wide = vectors.double()
+    gram = wide.transpose(1, 2) @ wide
+    jitter = ORTHONORMAL_JITTER * gram.diagonal(dim1=1, dim2=2).sum(dim=1)
+    gram = gram + jitter[:, None, None] * torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
+    factor = torch.linalg.cholesky_ex(gram).L
+    return torch.linalg.solve_triangular(factor, wide.transpose(1, 2), upper=False).transpose(1, 2).to(vectors.dtype)
+
+
 def principal_coordinates(level: Tensor, dim: int, iterations: int | None = None) -> Tensor:
     """``(B, C, h, w)`` -> ``(B, dim, h, w)``: each image's features in an orthonormal basis of its level's dominant
     ``dim``-dimensional channel subspace.
 
     The basis comes from randomized subspace iteration on the image's ``C x hw`` feature matrix ``F`` (a fixed
-    Gaussian start, ``iterations`` products with ``F F^T`` each followed by a QR factorization; ``None``:
+    Gaussian start, ``iterations`` products with ``F F^T`` each followed by :func:`orthonormal_basis`; ``None``:
     ``SUBSPACE_ITERATIONS``), one image at a time, so it does
     not depend on the batch. In an orthonormal basis an L2 penalty is the same as on the original channels: a
     linear model fitted on these coordinates is the original model restricted to that subspace.
@@ -163,7 +185,7 @@ def principal_coordinates(level: Tensor, dim: int, iterations: int | None = None
     flat = level.flatten(2)
     basis = random_projection(channels, dim, level.device).expand(batch_size, -1, -1)
     for _ in range(SUBSPACE_ITERATIONS if iterations is None else iterations):
-        basis = torch.linalg.qr(torch.bmm(flat, torch.bmm(flat.transpose(1, 2), basis))).Q
+        basis = orthonormal_basis(torch.bmm(flat, torch.bmm(flat.transpose(1, 2), basis)))
     return torch.bmm(basis.transpose(1, 2), flat).reshape(batch_size, dim, *level.shape[2:])
 
 
@@ -198,9 +220,10 @@ class FeaturePyramid:
         weights = feature_maps.weights if isinstance(feature_maps, WeightedMaps) else [1.0] * len(feature_maps)
         for feature_map, weight in zip(feature_maps, weights, strict=True):
             level = feature_map.float()
-            mean = level.mean(dim=(2, 3), keepdim=True)
-            std = level.std(dim=(2, 3), keepdim=True, unbiased=False).clamp(min=eps)
-            self.levels.append((level - mean) / (std / weight))
+            centered = level - level.mean(dim=(2, 3), keepdim=True)
+            # a norm is several times faster than Tensor.std on CPU; dividing by sqrt(hw) makes it the std
+            std = torch.linalg.vector_norm(centered, dim=(2, 3), keepdim=True) / (level.shape[2] * level.shape[3]) ** 0.5
+            self.levels.append(centered.mul_(weight / std.clamp(min=eps)))
         channels = [level.shape[1] for level in self.levels]
         if max_channels is not None and sum(channels) > max_channels:
             positions = [level.shape[2] * level.shape[3] for level in self.levels]
