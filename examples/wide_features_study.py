@@ -35,7 +35,7 @@ from anomalib_tts.refiner import DEFAULT_MAX_CHANNELS
 from anomalib_tts.sampling import path_seeds
 
 ALL_STAGES = ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"]
-CONVERGED = LogisticRegression(solver="newton", max_iter=50)
+CONVERGED = LogisticRegression(solver="newton", max_iter=50, tolerance=1e-12)
 
 
 def variants(features: Precomputed, max_channels: int) -> dict[str, TestTimeSegmentation]:

@@ -82,7 +82,9 @@ def test_balanced_weights_give_each_class_half() -> None:
     assert both.tolist() == [True]
 
 
-@pytest.mark.parametrize(("kwargs", "argument"), [({"l2": 0}, "l2"), ({"max_iter": 0}, "max_iter")])
+@pytest.mark.parametrize(
+    ("kwargs", "argument"), [({"l2": 0}, "l2"), ({"max_iter": 0}, "max_iter"), ({"tolerance": -1e-6}, "tolerance")]
+)
 def test_invalid_arguments(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         LinearSVM(**kwargs)
@@ -146,12 +148,12 @@ def _correlated_problems(batch: int = 3, samples: int = 400, channels: int = 64)
 def test_accelerated_bound_newton_needs_fewer_steps_than_bound_newton_on_logistic_regression() -> None:
     features, labels = _correlated_problems()
     valid = torch.ones_like(labels, dtype=torch.bool)
-    newton = LogisticRegression(solver="newton", max_iter=30)
+    newton = LogisticRegression(solver="newton", max_iter=30, tolerance=0.0)
     optimum = _objective(newton, newton.fit(features, labels, valid), features, labels)
 
     def steps_to_optimum(solver: str) -> int:
         for steps in range(1, 200):
-            classifier = LogisticRegression(solver=solver, max_iter=steps)
+            classifier = LogisticRegression(solver=solver, max_iter=steps, tolerance=0.0)
             objective = _objective(classifier, classifier.fit(features, labels, valid), features, labels)
             if (objective <= optimum * (1 + 1e-5)).all():
                 return steps
@@ -159,6 +161,30 @@ def test_accelerated_bound_newton_needs_fewer_steps_than_bound_newton_on_logisti
 
     accelerated, bound = steps_to_optimum("accelerated"), steps_to_optimum("bound")
     assert accelerated < 0.75 * bound, (accelerated, bound)
+
+
+def test_a_looser_tolerance_stops_earlier_near_the_same_optimum() -> None:
+    features, labels = _correlated_problems()
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    steps = {}
+
+    def counting(tolerance: float) -> LogisticRegression:
+        classifier = LogisticRegression(tolerance=tolerance)
+        original = classifier.gradient
+
+        def gradient(*args):
+            steps[tolerance] = steps.get(tolerance, 0) + 1
+            return original(*args)
+
+        classifier.gradient = gradient
+        return classifier
+
+    tight, loose = counting(1e-12), counting(1e-4)
+    tight_objective = _objective(tight, tight.fit(features, labels, valid), features, labels)
+    loose_objective = _objective(loose, loose.fit(features, labels, valid), features, labels)
+    assert steps[1e-4] < steps[1e-12]
+    assert (loose_objective >= tight_objective * (1 - 1e-6)).all()
+    assert (loose_objective - tight_objective <= 1e-4).all()  # on these problems it stops within 1e-4 of the optimum
 
 
 def test_bound_newton_never_increases_the_objective() -> None:

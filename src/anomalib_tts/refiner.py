@@ -152,13 +152,20 @@ class TestTimeRefiner:
         self.max_channels = None if max_channels is None else check_count("max_channels", max_channels)
 
     def draw(self, labels: PseudoLabels, seeds: Tensor) -> TrainingPixels:
-        """Sample up to the caps of positives and negatives per image (seeded per image, see ``sampling``)."""
-        positive_index, positive_valid = sample_pixels(
-            labels.positive.flatten(1), self.max_positives, seeds, POSITIVE_STREAM
+        """Sample up to the caps of positives and negatives per image (seeded per image, see ``sampling``).
+
+        Both sets of every image are drawn in one selection (a row per set), each from its own stream.
+        """
+        batch_size = seeds.shape[0]
+        streams = torch.tensor((POSITIVE_STREAM, NEGATIVE_STREAM), device=seeds.device).repeat_interleave(batch_size)
+        index, valid = sample_pixels(
+            torch.cat((labels.positive.flatten(1), labels.negative.flatten(1))),
+            max(self.max_positives, self.max_negatives),
+            seeds.repeat(2),
+            streams,
         )
-        negative_index, negative_valid = sample_pixels(
-            labels.negative.flatten(1), self.max_negatives, seeds, NEGATIVE_STREAM
-        )
+        positive_index, negative_index = index[:batch_size, : self.max_positives], index[batch_size:, : self.max_negatives]
+        positive_valid, negative_valid = valid[:batch_size, : self.max_positives], valid[batch_size:, : self.max_negatives]
         return TrainingPixels(
             index=torch.cat((positive_index, negative_index), dim=1),
             valid=torch.cat((positive_valid, negative_valid), dim=1),

@@ -23,12 +23,13 @@ def _hash32(values: Tensor) -> Tensor:
     return (values >> 16) ^ values
 
 
-def random_keys(seeds: Tensor, stream: int, num_keys: int) -> Tensor:
+def random_keys(seeds: Tensor, stream: int | Tensor, num_keys: int) -> Tensor:
     """Pseudo-random int64 keys in ``[1, 2**32]``, one row per seed.
 
     Args:
         seeds: ``(B,)`` integer seeds, one per image.
-        stream: Separates independent draws for the same image (positives, negatives, ...).
+        stream: Separates independent draws for the same image (positives, negatives, ...); an int for every
+            row, or ``(B,)`` integers, one per row.
         num_keys: Number of keys per image.
 
     Returns:
@@ -38,9 +39,12 @@ def random_keys(seeds: Tensor, stream: int, num_keys: int) -> Tensor:
         >>> keys = random_keys(torch.tensor([0, 1]), stream=0, num_keys=4)
         >>> keys.shape, bool((keys >= 1).all())
         (torch.Size([2, 4]), True)
+        >>> torch.equal(random_keys(torch.tensor([0, 0]), torch.tensor([0, 1]), 4)[1], random_keys(torch.tensor([0]), 1, 4)[0])
+        True
     """
     seeds = seeds.to(torch.int64)
-    row = _hash32(_hash32(seeds) ^ _hash32(torch.full_like(seeds, stream + 0x9E37)))
+    streams = torch.as_tensor(stream, dtype=torch.int64, device=seeds.device).expand_as(seeds)
+    row = _hash32(_hash32(seeds) ^ _hash32(streams + 0x9E37))
     return _hash32(row[:, None] ^ _hashed_indices(num_keys, seeds.device)[None, :]) + 1
 
 
@@ -50,18 +54,22 @@ def _hashed_indices(num_keys: int, device: torch.device) -> Tensor:
     return _hash32(torch.arange(num_keys, device=device, dtype=torch.int64))
 
 
-def sample_pixels(candidates: Tensor, max_samples: int, seeds: Tensor, stream: int) -> tuple[Tensor, Tensor]:
-    """Draw up to ``max_samples`` pixels uniformly without replacement from each image's candidate set.
+def sample_pixels(
+    candidates: Tensor, max_samples: int, seeds: Tensor, stream: int | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Draw up to ``max_samples`` pixels uniformly without replacement from each row's candidate set.
 
     Args:
         candidates: ``(B, N)`` bool, the pixels that may be drawn (flattened maps).
         max_samples: Cap on the set size.
-        seeds: ``(B,)`` per-image seeds.
-        stream: Independent stream id (use a different one per set).
+        seeds: ``(B,)`` per-row seeds.
+        stream: Independent stream id (use a different one per set); one per row as a ``(B,)`` tensor, so that
+            several sets of the same images are drawn in one selection.
 
     Returns:
         ``(indices, valid)``, both ``(B, K)`` with ``K = min(max_samples, N)``: flat pixel indices and whether
-        each slot holds a drawn pixel (images with fewer candidates than ``K`` have invalid slots).
+        each slot holds a drawn pixel (rows with fewer candidates than ``K`` have invalid slots). The pixels come
+        in the order of their keys, so the first ``k`` of a draw are the draw with ``max_samples = k``.
 
     Example:
         >>> candidates = torch.tensor([[True, False, True, True], [False, False, False, True]])
