@@ -389,7 +389,8 @@ def main() -> None:
                     rows.append(measure(arguments, model, datamodule, image_size, batch_size, refine_backbone, device))
                     print(" | ".join(rows[-1].cells()), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{arguments.backbone} PatchCore on {arguments.category}, {name}\n")
+    data = arguments.category if arguments.dataset_root is not None else "a generated dataset"
+    print(f"\n{arguments.backbone} PatchCore on {data}, {name}\n")
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER))
     for row in rows:

@@ -127,3 +127,13 @@ def test_from_init_args_builds_nested_components_as_anomalib_cli_does() -> None:
     assert isinstance(refiner.classifier, LinearSVM) and refiner.max_positives == 321
     with pytest.raises(ValueError, match="FeatureSource"):
         TestTimeSegmentation.from_init_args({"features": {"class_path": "anomalib_tts.LinearSVM"}})
+
+
+@pytest.mark.parametrize(("given", "expected"), [({}, 256), ({"max_channels": None}, None), ({"max_channels": 64}, 64)])
+def test_max_channels_parses_as_a_yaml_config_gives_it(given: dict, expected: int | None) -> None:
+    assert TestTimeSegmentation.from_init_args({"features": "model", **given}).refiner.max_channels == expected
+
+
+def test_the_classifiers_tolerance_parses_from_yaml() -> None:
+    classifier = {"class_path": "anomalib_tts.LogisticRegression", "init_args": {"tolerance": 1e-9}}
+    assert TestTimeSegmentation.from_init_args({"classifier": classifier}).refiner.classifier.tolerance == 1e-9

@@ -153,3 +153,17 @@ def test_relative_refines_a_diffuse_defect_above_the_nominal_threshold() -> None
 def test_relative_sure_margin_may_not_sit_below_the_floor() -> None:
     with pytest.raises(ValueError, match="sure_margin"):
         LABELERS.get("relative")(floor_margin=-0.2, sure_margin=-0.3)
+
+
+def test_relative_labels_an_image_the_same_whether_or_not_a_batchmate_needs_the_deviation_check() -> None:
+    """A sure peak skips the spread check; a batch of sure peaks skips computing it. Either way, same labels."""
+    sure = _map_with_square(low=0.1, high=0.9)  # peak above the nominal threshold
+    unsure = 0.2 * torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(7))
+    unsure[0, 30, 30] = 0.45  # a faint peak: the deviation check decides
+    labeler = LABELERS.get("relative")()
+    alone = labeler(sure, nominal_threshold=0.5)
+    together = labeler(torch.cat((sure, unsure)), nominal_threshold=0.5)
+    assert torch.equal(alone.positive[0], together.positive[0])
+    assert torch.equal(alone.negative[0], together.negative[0])
+    assert torch.equal(labeler(unsure, nominal_threshold=0.5).positive[0], together.positive[1])
+    assert together.positive[1].any()  # the faint peak stands out of its flat map

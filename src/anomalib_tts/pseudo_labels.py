@@ -67,13 +67,13 @@ def masked_quantile(values: Tensor, valid: Tensor, quantile: float) -> Tensor:
     flat = values.flatten(1)
     mask = valid.flatten(1)
     size = flat.shape[1]
+    rank = int((size - 1) * quantile)
+    if mask.device.type == "cpu" and bool(mask.all()):  # the usual case needs no filler (a free read on CPU)
+        return flat.amax(dim=1) if quantile == 1.0 else flat.kthvalue(rank + 1, dim=1).values
     count = mask.sum(dim=1)
     if quantile == 1.0:  # the maximum needs no selection
         result = torch.where(mask, flat, torch.full_like(flat, float("-inf"))).amax(dim=1)
         return torch.where(count > 0, result, torch.full_like(result, float("nan")))
-    rank = int((size - 1) * quantile)
-    if mask.device.type == "cpu" and bool(mask.all()):  # the usual case needs no filler (a free read on CPU)
-        return flat.kthvalue(rank + 1, dim=1).values
     valid_rank = ((count - 1).clamp(min=0).double() * quantile).floor().to(torch.int64)
     invalid_order = (~mask).cumsum(dim=1)
     filler = torch.where(invalid_order <= (rank - valid_rank)[:, None], float("-inf"), float("inf")).to(flat.dtype)
@@ -321,9 +321,11 @@ class PeakRelative(PseudoLabeler):
         positive_bar = (median + self.positive_fraction * spread).clamp(min=floor)
         negative_bar = median + self.negative_fraction * spread
         positive = valid & (score_maps > positive_bar[:, None, None])
-        if self.min_peak_deviations > 0:
+        sure = peak > nominal_threshold + self.sure_margin
+        # the deviation check only decides images whose peak is not sure; on CPU, skip it when there are none
+        if self.min_peak_deviations > 0 and not (sure.device.type == "cpu" and bool(sure.all())):
             deviation = 1.4826 * masked_quantile((score_maps - median[:, None, None]).abs(), valid, 0.5)
             stands_out = spread > self.min_peak_deviations * deviation
-            positive &= (stands_out | (peak > nominal_threshold + self.sure_margin))[:, None, None]
+            positive &= (stands_out | sure)[:, None, None]
         negative = valid & (score_maps < negative_bar[:, None, None]) & positive.flatten(1).any(dim=1)[:, None, None]
         return PseudoLabels(positive=positive, negative=negative)

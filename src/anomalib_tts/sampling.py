@@ -17,10 +17,15 @@ _MASK32 = 0xFFFFFFFF
 
 def _hash32(values: Tensor) -> Tensor:
     """Integer hash (Wellons' lowbias32 constants); int64 in, int64 in ``[0, 2**32)`` out, no overflow."""
-    values = values & _MASK32
-    values = ((values >> 16) ^ values) * 0x45D9F3B & _MASK32
-    values = ((values >> 16) ^ values) * 0x45D9F3B & _MASK32
-    return (values >> 16) ^ values
+    values = values & _MASK32  # a new tensor: the rest works on it in place (half the time of fresh tensors)
+    values ^= values >> 16
+    values *= 0x45D9F3B
+    values &= _MASK32
+    values ^= values >> 16
+    values *= 0x45D9F3B
+    values &= _MASK32
+    values ^= values >> 16
+    return values
 
 
 def random_keys(seeds: Tensor, stream: int | Tensor, num_keys: int) -> Tensor:
@@ -45,7 +50,7 @@ def random_keys(seeds: Tensor, stream: int | Tensor, num_keys: int) -> Tensor:
     seeds = seeds.to(torch.int64)
     streams = torch.as_tensor(stream, dtype=torch.int64, device=seeds.device).expand_as(seeds)
     row = _hash32(_hash32(seeds) ^ _hash32(streams + 0x9E37))
-    return _hash32(row[:, None] ^ _hashed_indices(num_keys, seeds.device)[None, :]) + 1
+    return _hash32(row[:, None] ^ _hashed_indices(num_keys, seeds.device)[None, :]).add_(1)
 
 
 @functools.lru_cache(maxsize=8)
