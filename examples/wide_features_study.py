@@ -8,7 +8,10 @@ pseudo-labels and training pixels:
 - ``default``: the defaults (features wider than ``max_channels`` = 256 reduced to their dominant subspaces,
   ``LogisticRegression``'s ``auto`` solver with its default steps);
 - ``projected, exact``: the same projection, the fit run to convergence (Newton steps);
-- ``exact``: every channel, the fit run to convergence: the reference.
+- ``exact``: every channel, the fit run to convergence: the reference;
+- ``random projection, exact``: every channel multiplied by a fixed random Gaussian matrix down to
+  ``max_channels`` (``LogisticRegression(projection=...)``), the fit run to convergence: the reduction the
+  dominant subspaces replaced.
 
 With ``--layers`` left out, the features are ``tf_efficientnet_lite0``'s five stages (``blocks.0``, ``.1``, ``.2``,
 ``.4``, ``.6``: 512 channels, the widest real features available without network access here), so the projection
@@ -44,6 +47,11 @@ def variants(features: Precomputed, max_channels: int) -> dict[str, TestTimeSegm
         "default": TestTimeSegmentation(features=features, max_channels=max_channels),
         "projected, exact": TestTimeSegmentation(features=features, classifier=CONVERGED, max_channels=max_channels),
         "exact": TestTimeSegmentation(features=features, classifier=CONVERGED, max_channels=None),
+        "random projection, exact": TestTimeSegmentation(
+            features=features,
+            classifier=LogisticRegression(solver="newton", max_iter=50, tolerance=1e-12, projection=max_channels),
+            max_channels=None,
+        ),
     }
 
 
@@ -95,7 +103,9 @@ def main() -> None:
         f"\ntf_efficientnet_lite0 {' + '.join(arguments.layers)}, batch {arguments.batch_size}, max_channels "
         f"{arguments.max_channels}, {arguments.subspace_iterations} subspace iteration(s)\n"
     )
-    print("| category | channels | fit | pixels differing from exact | images differing | pooled F1 | mean F1 (defective) |")
+    print(
+        "| category | channels | fit | pixels differing from exact | images differing | pooled F1 | mean F1 (defective) |"
+    )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -10,8 +10,8 @@ from anomalib_tts.features import (
     Modalities,
     ModelFeatures,
     TimmFeatures,
-    flat_to_grid,
     channel_budget,
+    flat_to_grid,
 )
 
 
@@ -75,7 +75,9 @@ def test_a_level_with_fewer_positions_than_channels_is_reduced_without_loss() ->
 def test_reduced_levels_keep_their_dominant_direction() -> None:
     generator = torch.Generator().manual_seed(3)
     direction = torch.randn(1, 30, 1, 1, generator=generator)
-    level = torch.randn(2, 1, 8, 8, generator=generator) * direction + 0.01 * torch.randn(2, 30, 8, 8, generator=generator)
+    level = torch.randn(2, 1, 8, 8, generator=generator) * direction + 0.01 * torch.randn(
+        2, 30, 8, 8, generator=generator
+    )
     full, reduced = FeaturePyramid([level]), FeaturePyramid([level], max_channels=1)
     full_features, reduced_features = _sampled(full), _sampled(reduced)
     kept = reduced_features.square().sum() / full_features.square().sum()
@@ -106,7 +108,12 @@ def test_features_narrower_than_max_channels_are_kept() -> None:
 
 @pytest.mark.parametrize(
     ("channels", "ranks", "total"),
-    [([512, 1024], [1024, 256], 256), ([16, 24, 40, 112, 320], [16384, 4096, 1024, 256, 64], 128), ([3, 3, 3], [9, 9, 9], 4), ([3, 3, 3], [9, 9, 9], 2)],
+    [
+        ([512, 1024], [1024, 256], 256),
+        ([16, 24, 40, 112, 320], [16384, 4096, 1024, 256, 64], 128),
+        ([3, 3, 3], [9, 9, 9], 4),
+        ([3, 3, 3], [9, 9, 9], 2),
+    ],
 )
 def test_the_channel_budget_is_spent_within_each_levels_channels_and_rank(channels, ranks, total: int) -> None:
     budget = channel_budget(channels, ranks, total)

@@ -54,7 +54,9 @@ class _Wide(FeatureSource):
     """The images' colour repeated over many channels, plus noise channels: wider than max_channels."""
 
     def __call__(self, inputs: Modalities) -> list[torch.Tensor]:
-        noise = torch.rand(inputs.image.shape[0], 2, *inputs.image.shape[2:], generator=torch.Generator().manual_seed(1))
+        noise = torch.rand(
+            inputs.image.shape[0], 2, *inputs.image.shape[2:], generator=torch.Generator().manual_seed(1)
+        )
         return [inputs.image.repeat(1, 8, 1, 1), noise]
 
 

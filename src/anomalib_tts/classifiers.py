@@ -195,9 +195,9 @@ class LinearClassifier(PixelClassifier):
             gradient 200).
         power_iter: Power-iteration steps for the gradient solver's step size.
         tolerance: The Newton-type solvers stop an image once its Newton decrement ``-g . d`` (about twice what
-            the next step could still gain, the objective being a weighted mean of losses) falls to this. With
-            1e-6 instead of 1e-9, the logistic fits of real images take about a third fewer steps, and their
-            masks differ in about 2e-5 of the pixels (docs/speed.md).
+            the next step could still gain, the objective being a weighted mean of losses) falls to this; lower
+            runs more steps. What the default, 1e-6, changes in the masks against a fit run to convergence is
+            measured in docs/speed.md.
         projection: Fit on sampled features projected to this many channels (fixed random matrix) when they are
             wider; ``None`` (default) fits on the channels it is given. The refiner's ``max_channels`` (256 by
             default) projects the feature maps themselves, which is cheaper; this option is for classifiers used
@@ -385,7 +385,7 @@ def bound_newton_steps(classifier: LinearClassifier, problem: LinearProblem, ste
     logistic loss the bound is tight near the solution, so a few dozen such steps cost less than two exact
     Newton steps.
     """
-    augmented, transposed, signs, weights, penalty = problem.as_tuple()
+    augmented, transposed, signs = problem.augmented, problem.transposed, problem.signs
     batch_size, _, dim = augmented.shape
     inverse, info = _inverse_bound(classifier, problem)
     params = augmented.new_zeros(batch_size, dim)
@@ -409,10 +409,10 @@ def accelerated_bound_steps(classifier: LinearClassifier, problem: LinearProblem
     The bound makes the objective 1-smooth in the metric of ``X^T diag(a) X`` (times the loss's curvature bound),
     so each step is :func:`bound_newton_steps`' step taken from an extrapolated point, at the same cost per step.
     The momentum is reset for an image whose gradient at the extrapolated point opposes its last move (gradient
-    restart, O'Donoghue and Candes 2015). On the logistic fits of real images it stops in about half the steps of
-    the plain bound solver, at the same optimum (docs/speed.md).
+    restart, O'Donoghue and Candes 2015). It reaches the same optimum in fewer steps than the plain bound solver
+    (tests/test_classifiers.py).
     """
-    augmented, transposed, signs, weights, penalty = problem.as_tuple()
+    augmented, transposed, signs = problem.augmented, problem.transposed, problem.signs
     batch_size, _, dim = augmented.shape
     inverse, info = _inverse_bound(classifier, problem)
     # FISTA's momentum after k steps without a restart, looked up per image by its age

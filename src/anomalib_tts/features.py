@@ -148,8 +148,7 @@ def orthonormal_basis(vectors: Tensor) -> Tensor:
     """``(B, C, k)`` -> ``(B, C, k)``: orthonormal columns spanning each image's ``k`` vectors (Cholesky QR).
 
     ``R^T R = V^T V`` (in float64, with a jitter of ``ORTHONORMAL_JITTER`` times the trace) gives ``V R^-1``: two
-    matrix products and a ``k x k`` factorization, several times faster than a Householder QR on CPU and
-    continuous in ``V``. Directions in which the vectors are (nearly) dependent come out shrunk rather than
+    matrix products and a ``k x k`` factorization, faster than a Householder QR on CPU and continuous in ``V``. Directions in which the vectors are (nearly) dependent come out shrunk rather than
     amplified, so a rank-deficient set gives short columns instead of noise.
 
     Example:
@@ -221,8 +220,10 @@ class FeaturePyramid:
         for feature_map, weight in zip(feature_maps, weights, strict=True):
             level = feature_map.float()
             centered = level - level.mean(dim=(2, 3), keepdim=True)
-            # a norm is several times faster than Tensor.std on CPU; dividing by sqrt(hw) makes it the std
-            std = torch.linalg.vector_norm(centered, dim=(2, 3), keepdim=True) / (level.shape[2] * level.shape[3]) ** 0.5
+            # a norm is much faster than Tensor.std on CPU; dividing by sqrt(hw) makes it the std
+            std = (
+                torch.linalg.vector_norm(centered, dim=(2, 3), keepdim=True) / (level.shape[2] * level.shape[3]) ** 0.5
+            )
             self.levels.append(centered.mul_(weight / std.clamp(min=eps)))
         channels = [level.shape[1] for level in self.levels]
         if max_channels is not None and sum(channels) > max_channels:

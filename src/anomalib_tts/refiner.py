@@ -13,7 +13,7 @@ from anomalib_tts.pseudo_labels import PseudoLabeler, PseudoLabels
 from anomalib_tts.sampling import sample_pixels
 from anomalib_tts.validation import check_count
 
-DEFAULT_MAX_CHANNELS = 256  # chosen in docs/speed.md (speed on WideResNet-50, masks on real features)
+DEFAULT_MAX_CHANNELS = 256  # docs/speed.md: its speed with WideResNet-50, its masks on real features
 POSITIVE_STREAM = 1
 NEGATIVE_STREAM = 2
 
@@ -164,8 +164,14 @@ class TestTimeRefiner:
             seeds.repeat(2),
             streams,
         )
-        positive_index, negative_index = index[:batch_size, : self.max_positives], index[batch_size:, : self.max_negatives]
-        positive_valid, negative_valid = valid[:batch_size, : self.max_positives], valid[batch_size:, : self.max_negatives]
+        positive_index, negative_index = (
+            index[:batch_size, : self.max_positives],
+            index[batch_size:, : self.max_negatives],
+        )
+        positive_valid, negative_valid = (
+            valid[:batch_size, : self.max_positives],
+            valid[batch_size:, : self.max_negatives],
+        )
         return TrainingPixels(
             index=torch.cat((positive_index, negative_index), dim=1),
             valid=torch.cat((positive_valid, negative_valid), dim=1),
