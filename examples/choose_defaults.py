@@ -131,6 +131,9 @@ def report(results: dict[str, dict]) -> None:
         "\nbest realistic baseline: "
         + ", ".join(f"{s}: {best[s]} {results[s][best[s]]['mean_f1_defective']:.3f}" for s in sets)
     )
+    if len(sets) < 2:
+        print("\nleave one set out: needs at least two sets")
+        return
     print("\nleave one set out (chosen on the others, margin on the one left out):")
     for left_out in sets:
         rest = {s: results[s] for s in sets if s != left_out}
