@@ -191,10 +191,10 @@ class TestTimeSegmentation(Callback):
         max_negatives: Cap on negatives sampled per image.
         min_positives: Fewer confident positives: the image keeps its mask.
         min_negatives: Fewer confident negatives: the image keeps its mask.
-        max_channels: Pixel features wider than this are projected to this many channels by a fixed random matrix
-            before the fit (WideResNet-50's 1536 channels by default; ``features="model"`` with PatchCore's usual
-            EfficientNet layers are narrower and left as they are); ``None`` fits on every channel. See
-            docs/speed.md for what it saves and what it changes in the masks.
+        max_channels: Pixel features wider than this are reduced to this many channels before the fit, each level
+            to its dominant channel subspace (WideResNet-50's 1536 channels by default; ``features="model"`` with
+            PatchCore's usual EfficientNet layers are narrower and left as they are); ``None`` fits on every
+            channel. See docs/speed.md for what it saves and what it changes in the masks.
         stages: Loops to refine in, among ``"test"``, ``"predict"`` and ``"validate"`` (one name alone is one
             stage).
         pseudo_label_args: Deprecated: keyword arguments of a recipe given by name; pass the recipe object.

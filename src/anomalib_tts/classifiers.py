@@ -379,7 +379,7 @@ def _inverse_bound(classifier: LinearClassifier, problem: LinearProblem) -> tupl
 
 def bound_newton_steps(classifier: LinearClassifier, problem: LinearProblem, steps: int) -> Tensor:
     """Newton steps on a fixed upper bound of the Hessian (the loss's largest curvature times ``X^T diag(a) X``),
-    factorized once.
+    inverted once.
 
     Each step then costs ``N * C`` and never increases the objective (majorization-minimization). For the
     logistic loss the bound is tight near the solution, so a few dozen such steps cost less than two exact

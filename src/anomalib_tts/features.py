@@ -148,8 +148,9 @@ def orthonormal_basis(vectors: Tensor) -> Tensor:
     """``(B, C, k)`` -> ``(B, C, k)``: orthonormal columns spanning each image's ``k`` vectors (Cholesky QR).
 
     ``R^T R = V^T V`` (in float64, with a jitter of ``ORTHONORMAL_JITTER`` times the trace) gives ``V R^-1``: two
-    matrix products and a ``k x k`` factorization, faster than a Householder QR on CPU and continuous in ``V``. Directions in which the vectors are (nearly) dependent come out shrunk rather than
-    amplified, so a rank-deficient set gives short columns instead of noise.
+    matrix products and a ``k x k`` factorization, faster than a Householder QR on CPU and continuous in ``V``.
+    Directions in which the vectors are (nearly) dependent come out shrunk rather than amplified, so a
+    rank-deficient set gives short columns instead of noise.
 
     Example:
         >>> basis = orthonormal_basis(torch.randn(2, 50, 5))
@@ -170,9 +171,9 @@ def principal_coordinates(level: Tensor, dim: int, iterations: int | None = None
 
     The basis comes from randomized subspace iteration on the image's ``C x hw`` feature matrix ``F`` (a fixed
     Gaussian start, ``iterations`` products with ``F F^T`` each followed by :func:`orthonormal_basis`; ``None``:
-    ``SUBSPACE_ITERATIONS``), one image at a time, so it does
-    not depend on the batch. In an orthonormal basis an L2 penalty is the same as on the original channels: a
-    linear model fitted on these coordinates is the original model restricted to that subspace.
+    ``SUBSPACE_ITERATIONS``), one image at a time, so it does not depend on the batch. In an orthonormal basis an
+    L2 penalty is the same as on the original channels: a linear model fitted on these coordinates is the original
+    model restricted to that subspace.
 
     Example:
         >>> level = torch.randn(2, 1, 8, 8) * torch.randn(1, 6, 1, 1)  # rank 1 per image

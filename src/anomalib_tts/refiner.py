@@ -103,8 +103,9 @@ class TestTimeRefiner:
         min_negatives: Fewer confident negatives than this: the image keeps its mask.
         self_check: Decides which refined masks the images' own evidence supports (:mod:`anomalib_tts.checks`).
         fallback: The mask of the images without a confident defect or failing the self-check.
-        max_channels: Features wider than this are projected to this many channels (a fixed random matrix,
-            :class:`~anomalib_tts.features.FeaturePyramid`) before the fit; ``None`` fits on every channel.
+        max_channels: Features wider than this are reduced to this many channels, each level to its dominant
+            channel subspace (:class:`~anomalib_tts.features.FeaturePyramid`), before the fit; ``None`` fits on
+            every channel.
 
     Example:
         >>> from anomalib_tts.classifiers import LinearSVM

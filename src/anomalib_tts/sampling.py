@@ -44,7 +44,8 @@ def random_keys(seeds: Tensor, stream: int | Tensor, num_keys: int) -> Tensor:
         >>> keys = random_keys(torch.tensor([0, 1]), stream=0, num_keys=4)
         >>> keys.shape, bool((keys >= 1).all())
         (torch.Size([2, 4]), True)
-        >>> torch.equal(random_keys(torch.tensor([0, 0]), torch.tensor([0, 1]), 4)[1], random_keys(torch.tensor([0]), 1, 4)[0])
+        >>> per_row = random_keys(torch.tensor([0, 0]), torch.tensor([0, 1]), 4)  # one stream per row
+        >>> torch.equal(per_row[1], random_keys(torch.tensor([0]), 1, 4)[0])
         True
     """
     seeds = seeds.to(torch.int64)
