@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from anomalib_tts.checks import StableThreshold
-from anomalib_tts.compare import (
+from anomalib_tts.pipeline.fallbacks import StableThreshold
+from anomalib_tts.pipeline.refinement import Outcome
+from anomalib_tts.tools.compare import (
     BASELINES,
     MEBIN_ROW,
     RefinementSpec,
@@ -38,7 +39,6 @@ from anomalib_tts.compare import (
     recorded_batches,
     run_model,
 )
-from anomalib_tts.refiner import Outcome
 
 REALISTIC = (
     "anomalib threshold",
@@ -67,21 +67,20 @@ def measure(config, dataset) -> dict[str, dict[str, float]]:
     scores[MEBIN_ROW] = records.scores(mebin_recorded(run, config.batch_size))
 
     spec = config.refinements[0]
-    callback = RefinementSpec(spec.name, {**spec.args, "self_check": "none", "fallback": "threshold"}).build()
+    refiner = RefinementSpec(spec.name, {**spec.args, "self_check": "none", "fallback": "threshold"}).build()
     device = next(model.parameters(), torch.empty(0)).device
     model.eval()
-    callback.refiner.features.setup(model)
-    callback.nominal_threshold = run.anomalib_threshold
+    refiner.bind(model)
     refined, decisions, growth_ratio = [], [], []
     for batch in recorded_batches(run, config.batch_size, device):
         score_maps = batch.anomaly_map.reshape(-1, *batch.anomaly_map.shape[-2:]).float()
-        labels = callback.refiner.labeler(score_maps, callback.nominal_threshold)
-        result = callback.refine_batch(batch)
+        labels = refiner.pipeline.pseudo_labels(score_maps, refiner.nominal_threshold)
+        result = refiner.refine_batch(batch)
         refined.append(result.outcome.cpu() == Outcome.REFINED)
         decisions.append((result.decision > 0).cpu())
         mask_area = (result.decision > 0).flatten(1).sum(dim=1).float()
         growth_ratio.append((mask_area / labels.positive.flatten(1).sum(dim=1).clamp(min=1)).cpu())
-    callback.teardown(None, model, "test")  # type: ignore[arg-type]
+    refiner.release()
     refined, decisions, growth_ratio = torch.cat(refined), torch.cat(decisions), torch.cat(growth_ratio)
 
     anomalib_masks = records.stacked("pred_masks").reshape(maps.shape).bool()

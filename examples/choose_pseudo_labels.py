@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from anomalib_tts import TestTimeRefiner
-from anomalib_tts.classifiers import CLASSIFIERS
-from anomalib_tts.evaluation import segmentation_scores
-from anomalib_tts.features import FeatureSource, Modalities, TimmFeatures
-from anomalib_tts.pseudo_labels import LABELERS
-from anomalib_tts.sampling import path_seeds
+from anomalib_tts.pipeline import RefinementInputs, RefinementPipeline
+from anomalib_tts.pipeline.classifiers import CLASSIFIERS
+from anomalib_tts.pipeline.features import FeatureSource, Modalities, TimmFeatures
+from anomalib_tts.pipeline.labelers import LABELERS
+from anomalib_tts.pipeline.sampling import path_seeds
+from anomalib_tts.tools.evaluation import segmentation_scores
 
 RECIPES = {
     "percentile": ("percentile", {}),
@@ -78,14 +78,22 @@ def refine_all(
     classifier_args: dict,
 ) -> tuple:
     """Refine every cached image -> masks, decision values (``nan`` where a mask was kept), outcomes, s/image."""
-    refiner = TestTimeRefiner(LABELERS.get(recipe)(**args), features, CLASSIFIERS.get(classifier)(**classifier_args))
+    refiner = RefinementPipeline(
+        LABELERS.get(recipe)(**args),
+        features,
+        CLASSIFIERS.get(classifier)(**classifier_args),
+        self_check="none",
+        fallback="threshold",
+    )
     masks, decisions, outcomes = [], [], []
     seeds = path_seeds(cache["image_path"])
     start = time.perf_counter()
     for first in range(0, maps.shape[0], batch):
         index = slice(first, first + batch)
         features.index = index
-        result = refiner(Modalities(cache["image"][index]), maps[index], maps[index] > 0.5, 0.5, seeds[index])
+        result = refiner(
+            RefinementInputs(Modalities(cache["image"][index]), maps[index], maps[index] > 0.5, seeds[index])
+        )
         masks.append(result.masks)
         decisions.append(result.decision)
         outcomes.append(result.outcome)

@@ -60,56 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# F1 helpers (all on bool/float CPU tensors)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _f1(tp: float, fp: float, fn: float) -> float:
-    denom = 2 * tp + fp + fn
-    return 2 * tp / denom if denom > 0 else float("nan")
-
-
-def pooled_f1(pred, gt) -> float:
-    tp = (pred & gt).sum().item()
-    fp = (pred & ~gt).sum().item()
-    fn = (~pred & gt).sum().item()
-    return _f1(tp, fp, fn)
-
-
-def per_image_f1(pred, gt):
-    """F1 per image (first dim); 0 when the image has a defect and nothing is predicted."""
-    import torch
-
-    dims = tuple(range(1, pred.ndim))
-    tp = (pred & gt).sum(dims).double()
-    fp = (pred & ~gt).sum(dims).double()
-    fn = (~pred & gt).sum(dims).double()
-    denom = 2 * tp + fp + fn
-    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(tp, float("nan")))
-
-
-def oracle_threshold(scores, gt) -> tuple[float, float]:
-    """Best single threshold ``scores >= t`` for pooled F1. Returns (threshold, f1)."""
-    import torch
-
-    s = scores.reshape(-1).float()
-    y = gt.reshape(-1)
-    order = torch.argsort(s, descending=True)
-    s_sorted = s[order]
-    tp = torch.cumsum(y[order].to(torch.int64), 0)
-    del order
-    n_pos = tp[-1].item()
-    k = torch.arange(1, s.numel() + 1, dtype=torch.int64)
-    f1 = (2 * tp).double() / (k + n_pos).double()
-    # only positions where the next score differs are realisable thresholds
-    valid = torch.ones_like(s_sorted, dtype=torch.bool)
-    valid[:-1] = s_sorted[:-1] != s_sorted[1:]
-    f1[~valid] = -1.0
-    best = int(torch.argmax(f1))
-    return float(s_sorted[best]), float(f1[best])
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -129,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     from anomalib.models import Patchcore
     from lightning.pytorch import seed_everything
     from torchvision.transforms.v2 import Resize
+
+    from anomalib_tts.metrics import f1_score
+    from anomalib_tts.tools.evaluation import oracle_threshold
+
+    def pooled_f1(pred: torch.Tensor, gt: torch.Tensor) -> float:
+        return float(f1_score(pred.flatten(), gt.flatten()))
 
     logging.getLogger("anomalib").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -280,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
     pred_a = test["pred_mask"][defective]
     thr_b = val_stats["pixel_mean"] + 3 * val_stats["pixel_std"]
     pred_b = raw_d > thr_b
-    thr_c, f1_c = oracle_threshold(raw_d, gt_d)
-    pred_c = raw_d >= thr_c
+    thr_c = oracle_threshold(raw_d, gt_d)
+    pred_c = raw_d > thr_c
     summary = {
         "n_test": len(test["image_path"]),
         "n_test_defective": int(defective.sum()),
@@ -291,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915
         "pooled_f1_defective": {
             "a_anomalib_pred_mask": pooled_f1(pred_a, gt_d),
             "b_mean_plus_3std": pooled_f1(pred_b, gt_d),
-            "c_oracle": f1_c,
+            "c_oracle": pooled_f1(pred_c, gt_d),
         },
         "mean_per_image_f1_defective": {
-            "a_anomalib_pred_mask": per_image_f1(pred_a, gt_d).nanmean().item(),
-            "b_mean_plus_3std": per_image_f1(pred_b, gt_d).nanmean().item(),
-            "c_oracle": per_image_f1(pred_c, gt_d).nanmean().item(),
+            "a_anomalib_pred_mask": float(f1_score(pred_a, gt_d).mean()),
+            "b_mean_plus_3std": float(f1_score(pred_b, gt_d).mean()),
+            "c_oracle": float(f1_score(pred_c, gt_d).mean()),
         },
         "thresholds_raw": {
             "a_anomalib_pixel_threshold": post_buffers["pixel_threshold"],

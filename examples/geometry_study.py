@@ -25,14 +25,14 @@ from anomalib.models import Patchcore
 from torchvision.transforms.functional import gaussian_blur
 
 from anomalib_tts import TestTimeSegmentation
-from anomalib_tts.classifiers import LogisticRegression
-from anomalib_tts.data import MVTec3D, make_mvtec3d_dataset
-from anomalib_tts.evaluation import MaskRecorder
-from anomalib_tts.features import Modalities, TimmFeatures
-from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures
 from anomalib_tts.metrics import f1_score
-from anomalib_tts.pseudo_labels import LABELERS
-from anomalib_tts.refiner import TestTimeRefiner
+from anomalib_tts.pipeline.classifiers import LogisticRegression
+from anomalib_tts.pipeline.features import Modalities, TimmFeatures
+from anomalib_tts.pipeline.features.geometry import GeometryFeatures, RgbdFeatures
+from anomalib_tts.pipeline.labelers import LABELERS
+from anomalib_tts.pipeline.refinement import RefinementInputs, RefinementPipeline
+from anomalib_tts.tools.data import MVTec3D, make_mvtec3d_dataset
+from anomalib_tts.tools.evaluation import MaskRecorder
 
 CATEGORY = "texture3d"
 
@@ -49,12 +49,15 @@ def simulated(arguments: argparse.Namespace, root: Path) -> dict[str, float]:
     noise = 0.02 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))
     score_maps = 0.45 + 0.4 * blurred / blurred.amax(dim=(1, 2), keepdim=True) + noise
     rgb = TimmFeatures(arguments.backbone, layers=arguments.layers, pre_trained=not arguments.random_weights)
-    refiner = TestTimeRefiner(LABELERS.get("relative")(), RgbdFeatures(rgb), LogisticRegression())
+    refiner = RefinementPipeline(
+        LABELERS.get("relative")(), RgbdFeatures(rgb), LogisticRegression(), self_check="none", fallback="threshold"
+    )
     seeds = torch.arange(len(truth))
-    rgb_only = refiner(Modalities(batch.image), score_maps, score_maps > 0.5, 0.5, seeds).masks
-    with_geometry = refiner(Modalities.from_batch(batch), score_maps, score_maps > 0.5, 0.5, seeds).masks
+    rgbd = Modalities(batch.image, batch.depth_map)
+    rgb_only = refiner(RefinementInputs(Modalities(batch.image), score_maps, score_maps > 0.5, seeds)).masks
+    with_geometry = refiner(RefinementInputs(rgbd, score_maps, score_maps > 0.5, seeds)).masks
     start = time.perf_counter()
-    GeometryFeatures()(Modalities.from_batch(batch))
+    GeometryFeatures()(rgbd)
     geometry_ms = 1000 * (time.perf_counter() - start) / len(truth)
     return {
         "threshold": float(f1_score(score_maps > 0.5, truth).mean()),

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from choose_pseudo_labels import Precomputed, cached_levels, refine_all, unclipped_maps
 
-from anomalib_tts.evaluation import oracle_threshold, segmentation_scores
-from anomalib_tts.pseudo_labels import PeakRelative
+from anomalib_tts.pipeline.labelers import PeakRelative
+from anomalib_tts.tools.evaluation import oracle_threshold, segmentation_scores
 
 LINES = ("keeps anomalib", "beats mean F1", "beats pooled F1")
 

@@ -17,7 +17,7 @@ With ``--layers`` left out, the features are ``tf_efficientnet_lite0``'s five st
 ``.4``, ``.6``: 512 channels, the widest real features available without network access here), so the projection
 applies; ``--layers blocks.2 blocks.4`` (PatchCore's own, 152 channels) isolates the solver. The table gives the
 share of pixels whose mask differs from the exact fit's, the images with any differing pixel, pooled pixel F1 over
-all images and mean F1 over defective images (docs/results.md's numbers).
+all images and mean F1 over defective images (docs/studies/results.md's numbers).
 
     HF_HUB_CACHE=../shared/weights/hf-hub HF_HUB_OFFLINE=1 python examples/wide_features_study.py \\
         results/cache/metal_plate/scores.pt results/cache/magnetic_tile/scores.pt results/cache/pcb/scores.pt
@@ -29,25 +29,24 @@ from pathlib import Path
 import torch
 from choose_pseudo_labels import Precomputed, cached_levels, unclipped_maps
 
-from anomalib_tts import TestTimeSegmentation
-from anomalib_tts import features as features_module
-from anomalib_tts.classifiers import LogisticRegression
-from anomalib_tts.evaluation import segmentation_scores
-from anomalib_tts.features import Modalities
-from anomalib_tts.refiner import DEFAULT_MAX_CHANNELS
-from anomalib_tts.sampling import path_seeds
+from anomalib_tts.pipeline.classifiers import LogisticRegression
+from anomalib_tts.pipeline.features import Modalities
+from anomalib_tts.pipeline.features import pyramid as features_module
+from anomalib_tts.pipeline.refinement import DEFAULT_MAX_CHANNELS, RefinementInputs, RefinementPipeline
+from anomalib_tts.pipeline.sampling import path_seeds
+from anomalib_tts.tools.evaluation import segmentation_scores
 
 ALL_STAGES = ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"]
 CONVERGED = LogisticRegression(solver="newton", max_iter=50, tolerance=1e-12)
 
 
-def variants(features: Precomputed, max_channels: int) -> dict[str, TestTimeSegmentation]:
+def variants(features: Precomputed, max_channels: int) -> dict[str, RefinementPipeline]:
     """The callback's defaults, and the same with the exact fit (projected, then on every channel)."""
     return {
-        "default": TestTimeSegmentation(features=features, max_channels=max_channels),
-        "projected, exact": TestTimeSegmentation(features=features, classifier=CONVERGED, max_channels=max_channels),
-        "exact": TestTimeSegmentation(features=features, classifier=CONVERGED, max_channels=None),
-        "random projection, exact": TestTimeSegmentation(
+        "default": RefinementPipeline(features=features, max_channels=max_channels),
+        "projected, exact": RefinementPipeline(features=features, classifier=CONVERGED, max_channels=max_channels),
+        "exact": RefinementPipeline(features=features, classifier=CONVERGED, max_channels=None),
+        "random projection, exact": RefinementPipeline(
             features=features,
             classifier=LogisticRegression(solver="newton", max_iter=50, tolerance=1e-12, projection=max_channels),
             max_channels=None,
@@ -55,14 +54,15 @@ def variants(features: Precomputed, max_channels: int) -> dict[str, TestTimeSegm
     }
 
 
-def refine_all(callback: TestTimeSegmentation, cache: dict, maps: torch.Tensor, features: Precomputed, batch: int):
+def refine_all(pipeline: RefinementPipeline, cache: dict, maps: torch.Tensor, features: Precomputed, batch: int):
     """Masks of every cached test image."""
     seeds = path_seeds(cache["image_path"])
     masks = []
     for first in range(0, maps.shape[0], batch):
         index = slice(first, first + batch)
         features.index = index
-        result = callback.refiner(Modalities(cache["image"][index]), maps[index], maps[index] > 0.5, 0.5, seeds[index])
+        inputs = RefinementInputs(Modalities(cache["image"][index]), maps[index], maps[index] > 0.5, seeds[index])
+        result = pipeline(inputs)
         masks.append(result.masks)
     return torch.cat(masks)
 
@@ -86,8 +86,8 @@ def main() -> None:
         channels = sum(level.shape[1] for level in features.levels)
         maps, _ = unclipped_maps(cache)
         refined = {
-            name: refine_all(callback, cache, maps, features, arguments.batch_size)
-            for name, callback in variants(features, arguments.max_channels).items()
+            name: refine_all(pipeline, cache, maps, features, arguments.batch_size)
+            for name, pipeline in variants(features, arguments.max_channels).items()
         }
         exact = refined["exact"]
         for name, masks in refined.items():

@@ -15,7 +15,7 @@ SHARED = REPOSITORY.parent / "shared"
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``<root>/texture``: 20 train, 5 good and 10 defective test images of 128 px brick texture."""
-    from anomalib_tts.data import make_mvtec_dataset
+    from anomalib_tts.tools.data import make_mvtec_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     make_mvtec_dataset(root, category="texture", n_train=20, n_test_good=5, n_test_defect=10, image_size=128)
@@ -65,7 +65,7 @@ def folder_predictions(synthetic_root: Path, padim_checkpoint: Path, tmp_path_fa
     """
     import torch
 
-    from tests.cli_runs import PREDICT_AND_KEEP, run_python
+    from tests.helpers import PREDICT_AND_KEEP, run_python
 
     workdir = tmp_path_factory.mktemp("folder_predictions")
     images = synthetic_root / "texture" / "test"

@@ -8,11 +8,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from anomalib_tts import Decision, FeatureSource, Modalities, PixelClassifier, PseudoLabeler, PseudoLabels
-from anomalib_tts.pseudo_labels import masked_quantile
+from anomalib_tts.pipeline.labelers import masked_quantile
 
 
 class QuantileBands(PseudoLabeler):
@@ -49,7 +48,7 @@ class ColourContrast(FeatureSource):
         self.calls = 0
         self.depth_maps_seen: list[bool] = []
 
-    def setup(self, pl_module: LightningModule | None) -> None:
+    def setup(self, model: nn.Module | None) -> None:
         self.setups += 1
 
     def __call__(self, inputs: Modalities) -> list[Tensor]:

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomalib_tts import TestTimeSegmentation  # noqa: E402
-from anomalib_tts.evaluation import MaskRecorder  # noqa: E402
+from anomalib_tts.tools.evaluation import MaskRecorder  # noqa: E402
 from tests.conftest import make_datamodule, make_padim  # noqa: E402
 
 

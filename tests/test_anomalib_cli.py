@@ -19,11 +19,10 @@ import yaml
 from PIL import Image
 
 from anomalib_tts.metrics import f1_score
-from anomalib_tts.offline import offline_weights_installed
-from tests.cli_runs import run_anomalib, run_python
+from anomalib_tts.pipeline.features.offline import offline_weights_installed
+from tests.conftest import CONFIGS, REPOSITORY
+from tests.helpers import run_anomalib, run_python
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-CONFIGS = REPOSITORY / "configs"
 ENGINE_SUBCOMMANDS = ("train", "test", "predict")
 
 # Runs the CLI in a loop (one interpreter start for every config) and keeps what each run printed.
@@ -81,21 +80,21 @@ for run in json.loads(sys.argv[2]):
         for callback in cli.config_init[run[0]].trainer.callbacks
         if type(callback).__module__.startswith("anomalib_tts")
     ]
-    refiners = [callback.refiner for callback in callbacks if hasattr(callback, "refiner")]
+    pipelines = [callback.pipeline for callback in callbacks if hasattr(callback, "pipeline")]
     results[" ".join(run)] = {
         "classes": [type(callback).__name__ for callback in callbacks],
         "refiners": [
             {
-                "pseudo_labels": type(refiner.labeler).__name__,
-                "features": type(refiner.features).__name__,
-                "backbone": getattr(refiner.features, "backbone", None),
-                "classifier": type(refiner.classifier).__name__,
-                "l2": refiner.classifier.l2,
-                "max_positives": refiner.max_positives,
+                "pseudo_labels": type(pipeline.pseudo_labels).__name__,
+                "features": type(pipeline.features).__name__,
+                "backbone": getattr(pipeline.features, "backbone", None),
+                "classifier": type(pipeline.classifier).__name__,
+                "l2": pipeline.classifier.l2,
+                "max_positives": pipeline.max_positives,
             }
-            for refiner in refiners
+            for pipeline in pipelines
         ],
-        "writers": [vars(callback).get("output_dir") for callback in callbacks if not hasattr(callback, "refiner")],
+        "writers": [vars(callback).get("output_dir") for callback in callbacks if not hasattr(callback, "pipeline")],
     }
 json.dump(results, open(sys.argv[1], "w"), default=str)
 """
@@ -214,7 +213,7 @@ def test_every_config_trains_tests_and_predicts_offline_with_its_documented_argu
     Each config with the arguments its ``# Offline`` comment documents, on generated data, for 1 epoch, and at
     64 px where the model allows it; all configs in one interpreter (config_runs.py), as the CLI runs them.
     """
-    from anomalib_tts.data import make_mvtec3d_dataset, make_mvtec_dataset
+    from anomalib_tts.tools.data import make_mvtec3d_dataset, make_mvtec_dataset
 
     make_mvtec_dataset(tmp_path / "data", category="texture", n_train=10, n_test_good=2, n_test_defect=4, image_size=64)
     make_mvtec3d_dataset(tmp_path / "data3d", n_train=6, n_test_good=2, n_test_defect=4, image_size=64)
@@ -254,7 +253,7 @@ def test_every_config_trains_tests_and_predicts_offline_with_its_documented_argu
         assert "error" not in result, f"{name}: {result.get('error')}"
         assert Path(result["checkpoint"]).is_file(), name
         test = result["test"]
-        assert test["tts_images_refined"] + test["tts_images_kept"] == 6, name
+        assert test["tts_images_refined"] + test["tts_images_fallback"] + test["tts_images_kept"] == 6, name
         assert test["tts_images_refined"] >= 1, name
         assert "pixel_F1Score" in test, name
         assert result["predicted"] == 6, name
@@ -349,7 +348,7 @@ def _benchmark(config: Path, cwd: Path, **environment: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(tmp_path: Path) -> None:
-    from anomalib_tts.data import make_mvtec_dataset
+    from anomalib_tts.tools.data import make_mvtec_dataset
 
     make_mvtec_dataset(tmp_path / "data", category="texture", n_train=10, n_test_good=2, n_test_defect=5, image_size=64)
     config = _benchmark_config(tmp_path / "data", tmp_path / "benchmark.yaml")  # two fits: half the shared dataset
@@ -359,17 +358,18 @@ def test_benchmark_reports_refined_pixel_f1_only_when_the_factory_is_enabled(tmp
     seeded.mkdir()
     (seeded / "sitecustomize.py").write_text("import random\nimport torch\nrandom.seed(0)\ntorch.manual_seed(0)\n")
     refinement = tmp_path / "refinement.yaml"  # configs/benchmark/refinement.yaml, recording its masks
-    refinement.write_text("class_path: tests.recording.RecordingTestTimeSegmentation\ninit_args:\n  features: model\n")
+    refinement.write_text("class_path: tests.helpers.RecordingSegmentation\ninit_args:\n  features: model\n")
     recording = tmp_path / "masks.pt"
     environment = {"PYTHONPATH": _python_path(seeded, REPOSITORY), "RECORDING_PATH": str(recording)}
 
     enabled = _benchmark(config, tmp_path / "enabled", ANOMALIB_TTS_CONFIG=str(refinement), **environment)
     masks = torch.load(recording)
-    refined_f1 = float(f1_score(masks["refined"].flatten(), masks["gt"].flatten()))
-    thresholded_f1 = float(f1_score(masks["thresholded"].flatten(), masks["gt"].flatten()))
-    assert not torch.equal(masks["refined"], masks["thresholded"])
+    refined_f1 = float(f1_score(masks["after"].flatten(), masks["gt"].flatten()))
+    thresholded_f1 = float(f1_score(masks["before"].flatten(), masks["gt"].flatten()))
+    assert not torch.equal(masks["after"], masks["before"])
     assert float(enabled["pixel_F1Score"]) == pytest.approx(refined_f1, abs=1e-6)
-    assert float(enabled["tts_images_refined"]) + float(enabled["tts_images_kept"]) == len(masks["gt"])
+    counted = ("tts_images_refined", "tts_images_fallback", "tts_images_kept")
+    assert sum(float(enabled[column]) for column in counted) == len(masks["gt"])
 
     disabled = _benchmark(config, tmp_path / "disabled", ANOMALIB_TTS_CONFIG="", **environment)
     assert not any(column.startswith("tts_") for column in disabled)
@@ -385,7 +385,7 @@ def test_a_new_recipe_feature_source_and_classifier_from_yaml_refine_in_anomalib
     config = yaml.safe_load((CONFIGS / "padim.yaml").read_text())
     config["trainer"]["callbacks"] = [
         {
-            "class_path": "tests.recording.RecordingTestTimeSegmentation",
+            "class_path": "tests.helpers.RecordingSegmentation",
             "init_args": {
                 "pseudo_labels": {"class_path": "tests.custom_components.QuantileBands", "init_args": {"top": 0.03}},
                 "features": {"class_path": "tests.custom_components.ColourContrast", "init_args": {"window": 9}},
@@ -395,6 +395,7 @@ def test_a_new_recipe_feature_source_and_classifier_from_yaml_refine_in_anomalib
                 "fallback": {"class_path": "anomalib_tts.ThresholdMask"},
                 "max_positives": 200,
                 "max_negatives": 200,
+                "calibrate": False,  # the components as configured (a calibration could choose others)
             },
         }
     ]
@@ -418,6 +419,6 @@ def test_a_new_recipe_feature_source_and_classifier_from_yaml_refine_in_anomalib
     assert components["features"]["calls"] == components["classifier"]["calls"] > 0  # features only when refining
     assert components["features"]["depth_maps_seen"] == [False] * components["features"]["calls"]
     assert recorded["metrics"]["tts_images_refined"] > 0
-    assert not torch.equal(recorded["refined"], recorded["thresholded"])
-    refined_f1 = float(f1_score(recorded["refined"].flatten(), recorded["gt"].flatten()))
+    assert not torch.equal(recorded["after"], recorded["before"])
+    refined_f1 = float(f1_score(recorded["after"].flatten(), recorded["gt"].flatten()))
     assert recorded["metrics"]["pixel_F1Score"] == pytest.approx(refined_f1, abs=1e-6)  # what the Evaluator scored

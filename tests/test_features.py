@@ -5,14 +5,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from anomalib_tts.features import (
-    FeaturePyramid,
-    Modalities,
-    ModelFeatures,
-    TimmFeatures,
-    channel_budget,
-    flat_to_grid,
-)
+from anomalib_tts.adapter import ModelFeatures
+from anomalib_tts.pipeline.features import FeaturePyramid, Modalities, TimmFeatures
+from anomalib_tts.pipeline.features.pyramid import channel_budget, flat_to_grid
 
 
 def _levels() -> list[torch.Tensor]:

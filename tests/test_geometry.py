@@ -8,12 +8,15 @@ import tifffile
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from anomalib_tts import TestTimeSegmentation
-from anomalib_tts.classifiers import LogisticRegression
-from anomalib_tts.features import FeaturePyramid, FeatureSource, Modalities, TimmFeatures, WeightedMaps
-from anomalib_tts.geometry import GeometryFeatures, RgbdFeatures, fill_missing, geometric_features
-from anomalib_tts.pseudo_labels import LABELERS
-from anomalib_tts.refiner import TestTimeRefiner
+from anomalib_tts.lightning.callback import TestTimeSegmentation
+from anomalib_tts.pipeline.classifiers import LogisticRegression
+from anomalib_tts.pipeline.features import FeaturePyramid, Modalities, TimmFeatures, WeightedMaps
+from anomalib_tts.pipeline.features.geometry import GeometryFeatures, RgbdFeatures, fill_missing, geometric_features
+from anomalib_tts.pipeline.labelers import LABELERS
+from anomalib_tts.pipeline.refinement import RefinementInputs, RefinementPipeline
+from tests.helpers import Colour, mean_f1
+
+GEOMETRY_LOGGER = "anomalib_tts.pipeline.features.geometry"
 
 SIZE = 48
 NORMAL, CURVATURE, HEIGHT = slice(0, 3), 3, 4  # channel layout of one scale
@@ -30,16 +33,6 @@ def _surface(height: torch.Tensor | None = None, size: int = SIZE) -> torch.Tens
 def _bump(amplitude: float, size: int = SIZE) -> torch.Tensor:
     rows, columns = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
     return amplitude * torch.exp(-((rows - size / 2) ** 2 + (columns - size / 2) ** 2) / (2 * 5.0**2))
-
-
-class _Colour(FeatureSource):
-    """The images themselves as the only feature level."""
-
-    def __call__(self, inputs: Modalities) -> list[torch.Tensor]:
-        return [inputs.image]
-
-
-_identity = _Colour()
 
 
 def test_normals_of_a_tilted_plane_are_the_analytic_normal_everywhere_and_it_has_no_curvature() -> None:
@@ -110,7 +103,7 @@ def test_geometry_is_computed_at_the_image_resolution_with_zeros_for_empty_maps(
 
 
 def test_geometry_weight_scales_the_standardized_geometric_level() -> None:
-    maps = RgbdFeatures(_identity, GeometryFeatures(scales=(2,)), geometry_weight=3.0)(
+    maps = RgbdFeatures(Colour(), GeometryFeatures(scales=(2,)), geometry_weight=3.0)(
         Modalities(torch.rand(1, 3, SIZE, SIZE), _surface(_bump(1e-3)))
     )
     assert isinstance(maps, WeightedMaps)
@@ -133,8 +126,8 @@ def test_unusable_depth_falls_back_to_rgb_features(
     depth: torch.Tensor | None, expect_depth: bool, warned: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     images = torch.rand(2, 3, SIZE, SIZE)
-    with caplog.at_level(logging.WARNING, logger="anomalib_tts.geometry"):
-        maps = RgbdFeatures(_identity, expect_depth=expect_depth)(Modalities(images, depth))
+    with caplog.at_level(logging.WARNING, logger=GEOMETRY_LOGGER):
+        maps = RgbdFeatures(Colour(), expect_depth=expect_depth)(Modalities(images, depth))
     assert len(maps) == 1
     assert torch.equal(maps[0], images)
     assert ("RGB features only" in caplog.text) == warned
@@ -143,8 +136,8 @@ def test_unusable_depth_falls_back_to_rgb_features(
 def test_an_empty_depth_map_in_a_batch_gives_that_image_rgb_features_only(caplog: pytest.LogCaptureFixture) -> None:
     images = torch.rand(2, 3, SIZE, SIZE)
     depth = torch.cat((_surface(_bump(1e-3)), torch.zeros(1, 3, SIZE, SIZE)))
-    with caplog.at_level(logging.WARNING, logger="anomalib_tts.geometry"):
-        maps = RgbdFeatures(_identity)(Modalities(images, depth))
+    with caplog.at_level(logging.WARNING, logger=GEOMETRY_LOGGER):
+        maps = RgbdFeatures(Colour())(Modalities(images, depth))
     assert "1 of 2 images" in caplog.text
     _, geometry_level = FeaturePyramid(maps).levels
     assert geometry_level[0].abs().sum() > 0
@@ -157,20 +150,22 @@ def test_refinement_with_an_all_zero_depth_map_equals_rgb_refinement() -> None:
     maps = 0.3 * torch.rand(2, SIZE, SIZE, generator=generator)
     maps[:, 10:20, 10:20] += 0.6
     images[:, 0, 10:20, 10:20] += 1.0
-    refiner = TestTimeRefiner(
-        LABELERS.get("nominal")(), RgbdFeatures(_identity, expect_depth=True), LogisticRegression()
+    pipeline = RefinementPipeline(
+        "nominal", RgbdFeatures(Colour(), expect_depth=True), LogisticRegression(), "none", "threshold"
     )
-    rgb = refiner(Modalities(images), maps, maps > 0.5, 0.5, torch.arange(2))
-    zero_depth = refiner(Modalities(images, torch.zeros(2, 3, SIZE, SIZE)), maps, maps > 0.5, 0.5, torch.arange(2))
+    rgb = pipeline(RefinementInputs(Modalities(images), maps, maps > 0.5, torch.arange(2)))
+    depth = torch.zeros(2, 3, SIZE, SIZE)
+    zero_depth = pipeline(RefinementInputs(Modalities(images, depth), maps, maps > 0.5, torch.arange(2)))
     assert rgb.refined.all()
     assert torch.equal(zero_depth.masks, rgb.masks)
+    assert not torch.equal(rgb.masks, maps > 0.5)  # refined, not anomalib's mask
 
 
 @pytest.mark.parametrize(
     ("factory", "argument"),
     [
-        (lambda: TestTimeSegmentation(geometry="maybe"), "geometry"),
-        (lambda: TestTimeSegmentation(geometry_weight=0.0), "geometry_weight"),
+        (lambda: RgbdFeatures(Colour(), geometry_weight=0.0), "geometry_weight"),
+        (lambda: RgbdFeatures("no_such_source"), "unknown feature source 'no_such_source'"),
         (lambda: GeometryFeatures(scales=[0, 2]), "scales"),
         (lambda: WeightedMaps([torch.zeros(1, 1, 2, 2)], [1.0, 2.0]), "weights"),
     ],
@@ -186,17 +181,11 @@ def test_invalid_arguments_name_the_argument(factory, argument: str) -> None:
 @pytest.fixture(scope="module")
 def groove_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``<root>/texture3d``: RGB PNG + XYZ TIFF (about 2 % missing points) + masks; grooves invisible in RGB."""
-    from anomalib_tts.data import make_mvtec3d_dataset
+    from anomalib_tts.tools.data import make_mvtec3d_dataset
 
     root = tmp_path_factory.mktemp("mvtec3d")
     make_mvtec3d_dataset(root, n_train=8, n_test_good=2, n_test_defect=8, image_size=128, defect_kinds=("groove",))
     return root
-
-
-def _f1(masks: torch.Tensor, truth: torch.Tensor) -> float:
-    """Mean per-image F1."""
-    overlap = (masks & truth).flatten(1).sum(dim=1)
-    return float((2 * overlap / (masks.flatten(1).sum(dim=1) + truth.flatten(1).sum(dim=1))).mean())
 
 
 @pytest.mark.slow
@@ -217,13 +206,15 @@ def test_rgb_cannot_refine_a_geometry_only_defect_and_rgb_plus_geometry_can(groo
 
     torch.manual_seed(0)  # random backbone weights (no download), the same on every run
     rgb = TimmFeatures("resnet18", pre_trained=False)
-    refiner = TestTimeRefiner(LABELERS.get("relative")(), RgbdFeatures(rgb), LogisticRegression())
+    pipeline = RefinementPipeline(
+        LABELERS.get("relative")(), RgbdFeatures(rgb), LogisticRegression(), self_check="none", fallback="threshold"
+    )
     seeds = torch.arange(len(images))
-    rgb_only = refiner(Modalities(images), score_maps, thresholded, 0.5, seeds)
-    with_geometry = refiner(Modalities(images, depth), score_maps, thresholded, 0.5, seeds)
+    rgb_only = pipeline(RefinementInputs(Modalities(images), score_maps, thresholded, seeds))
+    with_geometry = pipeline(RefinementInputs(Modalities(images, depth), score_maps, thresholded, seeds))
 
     assert rgb_only.refined.all() and with_geometry.refined.all()
-    threshold_f1, rgb_f1, geometry_f1 = (_f1(m, truth) for m in (thresholded, rgb_only.masks, with_geometry.masks))
+    threshold_f1, rgb_f1, geometry_f1 = (mean_f1(m, truth) for m in (thresholded, rgb_only.masks, with_geometry.masks))
     print(f"mean per-image F1: threshold {threshold_f1:.3f}, RGB {rgb_f1:.3f}, RGB + geometry {geometry_f1:.3f}")
     assert rgb_f1 < threshold_f1 + 0.05  # RGB features cannot see the grooves: no better than the threshold
     assert geometry_f1 > 0.75
@@ -238,7 +229,7 @@ def test_anomalib_mvtec3d_depth_maps_reach_the_callback_in_engine_test(
     from anomalib.engine import Engine
     from anomalib.models import Padim
 
-    from anomalib_tts.data import MVTec3D
+    from anomalib_tts.tools.data import MVTec3D
 
     class RecordingGeometry(GeometryFeatures):
         def __init__(self) -> None:
@@ -257,10 +248,10 @@ def test_anomalib_mvtec3d_depth_maps_reach_the_callback_in_engine_test(
         pre_processor=Padim.configure_pre_processor(image_size=(128, 128)),
     )
     recorder = RecordingGeometry()
-    callback = TestTimeSegmentation(features=RgbdFeatures("model", geometry=recorder, expect_depth=True))
+    callback = TestTimeSegmentation(features=RgbdFeatures("model", geometry=recorder, expect_depth=True), calibrate=False)
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[callback])
     engine.fit(model, datamodule=MVTec3D(train_batch_size=8, **arguments))  # trains under pandas 3
-    with caplog.at_level(logging.WARNING, logger="anomalib_tts.geometry"):
+    with caplog.at_level(logging.WARNING, logger=GEOMETRY_LOGGER):
         engine.test(model, datamodule=AnomalibMVTec3D(**arguments))
 
     assert callback.stats.images == 10

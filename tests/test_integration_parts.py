@@ -1,7 +1,7 @@
-"""MaskWriter and the callbacks factory, in process (the CLI runs are in test_anomalib_cli.py)."""
+"""MaskWriter and the callbacks factory, in process (the CLI runs are in test_anomalib_cli.py, the factory's entry point
+and what it costs a Trainer in test_layers.py)."""
 
 import logging
-from importlib.metadata import entry_points
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,9 +11,13 @@ import torch
 from PIL import Image
 
 from anomalib_tts import MaskWriter, TestTimeSegmentation
-from anomalib_tts.factory import CONFIG_VARIABLE, ConfiguredCallbackGuard, callbacks_from_environment, load_callback
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from anomalib_tts.lightning.factory import (
+    CONFIG_VARIABLE,
+    ConfiguredCallbackGuard,
+    callbacks_from_environment,
+    load_callback,
+)
+from tests.conftest import CONFIGS
 
 
 def _trainer(root: Path, callbacks: list | None = None) -> SimpleNamespace:
@@ -100,11 +104,6 @@ def test_mask_writer_rejects_an_empty_folder_name() -> None:
         MaskWriter(output_dir=" ")
 
 
-def test_the_factory_is_registered_for_lightning() -> None:
-    registered = {entry.value for entry in entry_points(group="lightning.pytorch.callbacks_factory")}
-    assert "anomalib_tts.factory:callbacks_from_environment" in registered
-
-
 def test_factory_adds_nothing_unless_the_variable_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(CONFIG_VARIABLE, raising=False)
     assert callbacks_from_environment() == []
@@ -131,7 +130,7 @@ def test_factory_builds_the_callback_the_file_describes(
     monkeypatch.setenv(CONFIG_VARIABLE, str(path))
     callback, guard = callbacks_from_environment()
     assert isinstance(callback, TestTimeSegmentation)
-    assert (callback.refiner.max_positives, callback.gate) == (321, "pred_label")
+    assert (callback.pipeline.max_positives, callback.refiner.gate) == (321, "pred_label")
     assert isinstance(guard, ConfiguredCallbackGuard) and guard.callback is callback
 
 
@@ -194,7 +193,7 @@ def test_models_without_a_timm_feature_extractor_need_a_timm_backbone(model_name
     model_class = getattr(anomalib.models, model_name)
     model = model_class(pre_trained=False) if model_name == "Fastflow" else model_class()
     with pytest.raises(ValueError, match="TimmFeatureExtractor"):
-        TestTimeSegmentation(features="model").refiner.features.setup(model)
+        TestTimeSegmentation(features="model").pipeline.features.setup(model)
 
 
 def test_mask_writer_writes_outside_lightning_into_its_output_dir(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ import timm
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from anomalib_tts.features import IMAGENET_MEAN, IMAGENET_STD, MissingWeightsError, Modalities, TimmFeatures
-from anomalib_tts.offline import (
+from anomalib_tts.pipeline.features import MissingWeightsError, Modalities, TimmFeatures
+from anomalib_tts.pipeline.features.backbone import IMAGENET_MEAN, IMAGENET_STD
+from anomalib_tts.pipeline.features.offline import (
     OFFLINE_BACKBONE,
     WHEEL_MODULE,
     _timm_named_weights,
@@ -58,7 +59,8 @@ def test_conversion_renames_by_position_and_rejects_what_does_not_fit() -> None:
 def test_weights_load_strictly_into_timms_architecture(classifier: torch.nn.Module) -> None:
     weights = efficientnet_lite0_state_dict()
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    assert reference.load_state_dict(weights, strict=True)  # every name and shape of timm's model
+    missing, unexpected = reference.load_state_dict(weights, strict=True)  # raises on a misshaped tensor
+    assert (missing, unexpected) == ([], [])  # every name of timm's model, and no other
     assert all(torch.equal(classifier.state_dict()[name], tensor) for name, tensor in weights.items())
     other_head = timm.create_model(OFFLINE_BACKBONE, pretrained=True, num_classes=10)
     assert torch.equal(other_head.conv_stem.weight, weights["conv_stem.weight"])
@@ -102,7 +104,7 @@ def test_callback_features_use_the_offline_weights() -> None:
     features = TimmFeatures(backbone=OFFLINE_BACKBONE)
     maps = features(Modalities(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))))
     assert [tuple(level.shape) for level in maps] == [(2, 40, 8, 8), (2, 112, 4, 4)]
-    extractor = features._extractor.feature_extractor  # noqa: SLF001
+    extractor = features._extractor  # noqa: SLF001 (the timm features_only model)
     weights = efficientnet_lite0_state_dict()
     assert all(torch.equal(tensor, weights[name]) for name, tensor in extractor.state_dict().items())
 

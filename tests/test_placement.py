@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from anomalib_tts.callback import RawMapKeeper
-from anomalib_tts.placement import place_callback, remove_callbacks
+from anomalib_tts.lightning.callback import RawMapKeeper
+from anomalib_tts.lightning.placement import place_callback, remove_callbacks
 
 
 class Evaluator:

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from anomalib_tts.pseudo_labels import LABELERS, NominalAware, PercentilePeaks, RobustNominal, masked_quantile
+from anomalib_tts.pipeline.labelers import (
+    LABELERS,
+    NominalAware,
+    PeakRelative,
+    PercentilePeaks,
+    RobustNominal,
+    masked_quantile,
+)
 
 
 def _map_with_square(
@@ -94,6 +101,8 @@ def test_masked_quantile_matches_sorted_valid_pixels(quantile: float, kept_fract
     ("factory", "argument"),
     [
         (lambda: PercentilePeaks(percentile=-1), "percentile"),
+        (lambda: PercentilePeaks(percentile=150.0), "percentile"),
+        (lambda: PeakRelative(positive_fraction=-0.5), "positive_fraction"),
         (lambda: PercentilePeaks(peak_window=4), "peak_window"),
         (lambda: NominalAware(negative_margin=2), "negative_margin"),
         (lambda: RobustNominal(drift_quantile=1.5), "drift_quantile"),

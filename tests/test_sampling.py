@@ -2,7 +2,7 @@
 
 import torch
 
-from anomalib_tts.sampling import content_seeds, path_seeds, sample_pixels
+from anomalib_tts.pipeline.sampling import content_seeds, path_seeds, sample_pixels
 
 
 def test_samples_come_from_the_candidates_and_respect_the_cap() -> None:
@@ -44,8 +44,34 @@ def test_draw_is_roughly_uniform() -> None:
 def test_seeds_are_stable_and_distinct() -> None:
     assert torch.equal(path_seeds(["a.png", "b.png"]), path_seeds(["a.png", "b.png"]))
     assert path_seeds(["a.png"]) != path_seeds(["b.png"])
-    maps = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(content_seeds(maps), content_seeds(maps.clone()))
-    assert content_seeds(maps)[0] != content_seeds(maps)[1]
-    maps[0, 0, 0] = float("nan")
-    assert (content_seeds(maps) >= 0).all()
+    maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    maps[2] = maps[0]
+    seeds = content_seeds(maps)
+    assert torch.equal(seeds, content_seeds(maps.clone()))
+    assert seeds[0] == seeds[2]  # equal maps, equal seeds
+    assert seeds[0] != seeds[1]  # different maps, different seeds
+    nudged = maps[:1].clone()
+    nudged[0, 7, 9] += 0.01  # one pixel changed by a visible amount changes the seed
+    assert content_seeds(nudged) != seeds[0]
+
+
+def test_content_seeds_of_a_map_do_not_depend_on_its_batchmates() -> None:
+    maps = torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(1))
+    together = content_seeds(maps)
+    alone = torch.cat([content_seeds(maps[index : index + 1]) for index in range(4)])
+    reordered = content_seeds(maps[[3, 1, 0, 2]])
+    assert torch.equal(together, alone)
+    assert torch.equal(together[[3, 1, 0, 2]], reordered)
+    assert len(set(together.tolist())) == 4
+
+
+def test_content_seeds_ignore_non_finite_scores() -> None:
+    """A NaN or infinite pixel counts as a score of 0: the seed is defined, and the same for every such value."""
+    maps = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(2))
+    zero = maps.clone()
+    zero[0, 3, 4] = 0.0
+    assert not torch.equal(content_seeds(zero), content_seeds(maps))  # the pixel's own score counts
+    for value in (float("nan"), float("inf"), float("-inf")):
+        broken = maps.clone()
+        broken[0, 3, 4] = value
+        assert torch.equal(content_seeds(broken), content_seeds(zero)), value

@@ -1,15 +1,13 @@
 """Test-time segmentation outside Lightning: refine the masks of a deployed anomalib model.
 
 A deployed model runs through anomalib's ``TorchInferencer`` (or ``OpenVINOInferencer``), not through a Lightning
-loop, so :class:`~anomalib_tts.TestTimeSegmentation` never sees its predictions. :class:`SegmentationRefiner`
-hands an image (or batch) and its anomaly map to the callback's own :meth:`~TestTimeSegmentation.refine_batch`,
-with the callback's options, defaults and validation, and returns the masks.
+loop. :class:`SegmentationRefiner` hands an image (or batch) and its anomaly map to the same pipeline and adapter
+as the callback (:class:`~anomalib_tts.adapter.BatchRefiner`), with the same options, defaults and checks, and
+returns the masks.
 
-Why the raw map matters: anomalib's PostProcessor normalizes each map around the pixel threshold and clips it to
-``[0, 1]``; with a validation set of good parts only, most normal pixels end up exactly at 0 and strong defects
-at 1, which hides the image's own score distribution. In a Lightning run the callback therefore reads the raw map
-ahead of the PostProcessor (``RawMapKeeper``) and normalizes it the same way, unclipped (:func:`unclipped_scores`,
-with the PostProcessor's statistics). An inferencer returns the clipped map only, so:
+The adapter reads the raw map where it has one: anomalib's PostProcessor normalizes each map around the pixel
+threshold and clips it to ``[0, 1]``, which hides an image's own score distribution; in a Lightning run the
+callback keeps the raw map from before the PostProcessor. An inferencer returns the clipped map only, so:
 
 - :meth:`SegmentationRefiner.predict` runs ``TorchInferencer.predict`` and keeps the model's input and raw map
   during that forward pass (a hook on the torch model): its masks equal the callback's in ``anomalib predict``
@@ -19,22 +17,48 @@ with the PostProcessor's statistics). An inferencer returns the clipped map only
   clipped map alone, masks can differ from the callback's on images whose map is clipped.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from anomalib_tts.callback import TestTimeSegmentation, unclipped_scores
+from anomalib_tts.adapter import BatchFields, BatchRefiner, RefinementStats
+from anomalib_tts.calibration import Calibration, build_pipeline
+from anomalib_tts.pipeline import RefinementPipeline
+
+LIGHTNING_OPTIONS = ("stages", "calibrate", "calibration_images")  # callback options that concern its loops only
+CALLBACK_STATE_KEY = "TestTimeSegmentation"  # where a Lightning checkpoint keeps the callback's state
+
+
+def read_calibration(path: str | Path) -> Calibration | None:
+    """The calibration saved in a Lightning checkpoint of a run with the callback, or in a JSON file
+    (:meth:`Calibration.to_dict`); ``None`` when the checkpoint holds none.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"no calibration file at {path}"
+        raise FileNotFoundError(msg)
+    if path.suffix == ".json":
+        return Calibration.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # a checkpoint of the user's own run
+    state = (checkpoint.get("callbacks") or {}).get(CALLBACK_STATE_KEY) or {}
+    saved = state.get("calibration")
+    return None if saved is None else Calibration.from_dict(saved)
 
 __all__ = ["SegmentationRefiner"]
 
 
 class SegmentationRefiner:
-    """Refines the masks of images and their anomaly maps as :class:`TestTimeSegmentation` does, outside Lightning.
+    """Refines the masks of images and their anomaly maps as :class:`~anomalib_tts.TestTimeSegmentation` does,
+    outside Lightning.
 
     Args:
         model: The anomalib model the maps come from, e.g. ``TorchInferencer(path).model`` (anomalib's torch export
@@ -42,40 +66,81 @@ class SegmentationRefiner:
             statistics that normalize a raw map; ``ModelFeatures`` (``features="model"``) reads its feature
             extractor. ``None``: maps are taken as normalized around a pixel threshold of 0.5 (anomalib's), and the
             feature source must not need a model.
-        refinement: The callback whose options apply, e.g. ``TestTimeSegmentation(features="model")``, or
-            ``TestTimeSegmentation.from_init_args(...)`` with the ``init_args`` of a YAML config; ``None``:
-            ``TestTimeSegmentation()`` with its defaults. Its statistics (``refinement.stats``) count the images
-            refined since the refiner was built, and it warns once per reason an image keeps its mask.
+        pipeline: The refinement pipeline, e.g. ``RefinementPipeline(features="model")``; ``None``: its defaults.
+            :meth:`from_init_args` builds it from the ``init_args`` of a config's callback entry.
+        gate: As the callback's: ``"pred_label"`` refines only images anomalib labels anomalous.
+        calibration: The choice a calibration made for this model's data (the callback's, saved in the checkpoint
+            of ``anomalib train``: :func:`read_calibration`); ``None``: the pipeline as given.
+
+    Attributes:
+        refiner: The adapter that runs the pipeline; its statistics (``stats``) count the images refined since the
+            refiner was built, and it warns once per reason an image keeps its mask.
 
     Raises:
         ValueError: The feature source cannot run on ``model`` (e.g. ``ModelFeatures`` without a model).
 
     Example:
-        >>> from anomalib_tts import TimmFeatures
+        >>> from anomalib_tts.pipeline import TimmFeatures
         >>> refiner = SegmentationRefiner(
-        ...     refinement=TestTimeSegmentation(features=TimmFeatures(backbone="resnet18", pre_trained=False))
+        ...     pipeline=RefinementPipeline(features=TimmFeatures(backbone="resnet18", pre_trained=False))
         ... )
         >>> image = torch.rand(3, 64, 64)
         >>> anomaly_map = torch.rand(64, 64) * 0.3
         >>> anomaly_map[16:32, 16:32] = 0.9
         >>> mask = refiner(image, anomaly_map, image_path="part_017.png")
-        >>> mask.shape, mask.dtype, refiner.refinement.stats.refined
+        >>> mask.shape, mask.dtype, refiner.stats.refined
         (torch.Size([64, 64]), torch.bool, 1)
 
         On a deployed model (anomalib's torch export; ``TorchInferencer`` needs ``TRUST_REMOTE_CODE=1``)::
 
             inferencer = TorchInferencer("weights/torch/model.pt", device="cpu")
-            refiner = SegmentationRefiner(inferencer.model, TestTimeSegmentation(features="model"))
+            refiner = SegmentationRefiner(inferencer.model, RefinementPipeline(features="model"))
             prediction = refiner.predict(inferencer, "parts/017.png")  # prediction.pred_mask: the refined mask
     """
 
-    def __init__(self, model: nn.Module | None = None, refinement: TestTimeSegmentation | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        pipeline: RefinementPipeline | None = None,
+        gate: Literal["none", "pred_label"] = "none",
+        calibration: Calibration | None = None,
+    ) -> None:
         if model is not None and not isinstance(model, nn.Module):
             msg = f"model must be an anomalib model (torch.nn.Module), e.g. TorchInferencer(path).model, got {model!r}"
             raise ValueError(msg)
         self.model = model
-        self.refinement = refinement if refinement is not None else TestTimeSegmentation()
-        self.refinement.bind(model)
+        pipeline = pipeline if pipeline is not None else RefinementPipeline()
+        if calibration is not None and calibration.overrides:
+            pipeline = build_pipeline(pipeline, calibration.overrides)
+        self.calibration = calibration
+        self.refiner = BatchRefiner(pipeline, gate)
+        self.refiner.bind(model)
+
+    @classmethod
+    def from_init_args(
+        cls, init_args: Mapping[str, Any], model: nn.Module | None = None, calibration: Calibration | None = None
+    ) -> "SegmentationRefiner":
+        """The refiner of a config's ``TestTimeSegmentation`` entry (its ``init_args``; the options of Lightning's
+        loops are ignored), with the ``calibration`` of the model's checkpoint where given.
+
+        Raises:
+            ValueError: An argument does not fit; the message names it.
+
+        Example:
+            >>> refiner = SegmentationRefiner.from_init_args(
+            ...     {"features": {"class_path": "anomalib_tts.TimmFeatures", "init_args": {"backbone": "resnet18",
+            ...      "pre_trained": False}}, "stages": ["predict"]}
+            ... )
+            >>> refiner.refiner.pipeline.features.backbone
+            'resnet18'
+        """
+        refiner = BatchRefiner.from_init_args(init_args, ignore=LIGHTNING_OPTIONS)
+        return cls(model, refiner.pipeline, refiner.gate, calibration)
+
+    @property
+    def stats(self) -> RefinementStats:
+        """What happened to the images refined since this refiner was built."""
+        return self.refiner.stats
 
     def __call__(
         self,
@@ -117,30 +182,28 @@ class SegmentationRefiner:
         single = images.dim() == 3
         images = images[None] if single else images
         maps = _as_maps(anomaly_map, images.shape[0], "anomaly_map").to(images.device)
+        raw = None
         if raw_anomaly_map is not None:
             raw = _as_maps(raw_anomaly_map, images.shape[0], "raw_anomaly_map").to(images.device)
             if raw.shape != maps.shape:
                 msg = f"raw_anomaly_map {tuple(raw.shape)} and anomaly_map {tuple(maps.shape)} differ in shape"
                 raise ValueError(msg)
-            unclipped = unclipped_scores(raw, getattr(self.model, "post_processor", None))
-            maps = maps if unclipped is None else unclipped
         if pred_mask is not None:
             pred_mask = torch.as_tensor(pred_mask, device=images.device)
             if pred_mask.numel() != maps.numel():
                 msg = f"pred_mask {tuple(pred_mask.shape)} does not fit anomaly_map {tuple(maps.shape)}"
                 raise ValueError(msg)
             pred_mask = pred_mask.reshape(maps.shape).bool()
-        paths = _as_paths(image_path, images.shape[0])
-        batch = SimpleNamespace(
+        fields = BatchFields(
             image=images,
             anomaly_map=maps,
             pred_mask=pred_mask,
             pred_label=None if pred_label is None else torch.as_tensor(pred_label, device=images.device),
-            image_path=paths,
+            image_path=_as_paths(image_path, images.shape[0]),
             depth_map=None if depth_map is None else torch.as_tensor(depth_map, device=images.device),
         )
-        self.refinement.refine_batch(batch)
-        return batch.pred_mask[0] if single else batch.pred_mask
+        masks = self.refiner.refine(fields, raw_anomaly_map=raw).masks
+        return masks[0] if single else masks
 
     def refine_prediction(self, prediction: Any, image_path: str | Path | Sequence[str | Path] | None = None) -> Tensor:
         """Refined masks of an inferencer's prediction: ``TorchInferencer``'s ``ImageBatch`` or ``OpenVINOInferencer``'s

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lightning.pytorch import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
-from anomalib_tts.features import FEATURES, FeatureSource, Modalities, WeightedMaps
+from anomalib_tts.pipeline.features.source import FEATURES, FeatureSource, Modalities, WeightedMaps
 
 logger = logging.getLogger(__name__)
 
@@ -210,10 +209,10 @@ def usable_depth(depth_maps: Tensor | None) -> str | None:
 class RgbdFeatures(FeatureSource):
     """RGB backbone features and geometric features side by side, the geometric ones weighted.
 
-    Each feature map is standardized per image and channel by the :class:`~anomalib_tts.features.FeaturePyramid`;
-    the geometric level is then multiplied by ``geometry_weight`` (with the classifier's L2 penalty, a larger
-    weight makes geometry cheaper to use). Without a usable depth map the RGB features are returned alone, with
-    a warning when ``expect_depth`` is set; images of a batch whose own depth map is empty get all-zero
+    Each feature map is standardized per image and channel by the feature pyramid
+    (:class:`~anomalib_tts.pipeline.features.pyramid.FeaturePyramid`); the geometric level is then multiplied by
+    ``geometry_weight`` (with the classifier's L2 penalty, a larger weight makes geometry cheaper to use). Without a
+    usable depth map the RGB features are returned alone, with a warning when ``expect_depth`` is set; images of a batch whose own depth map is empty get all-zero
     geometric features (after standardization: no signal), with a warning.
 
     Args:
@@ -224,7 +223,6 @@ class RgbdFeatures(FeatureSource):
         expect_depth: Warn when a batch carries no depth map (for data that should have one).
 
     Example:
-        >>> from anomalib_tts.features import Modalities
         >>> class Colour(FeatureSource):
         ...     def __call__(self, inputs: Modalities) -> list[Tensor]:
         ...         return [inputs.image]
@@ -263,9 +261,9 @@ class RgbdFeatures(FeatureSource):
         self.geometry_weight = float(geometry_weight)
         self.expect_depth = expect_depth
 
-    def setup(self, pl_module: LightningModule | None) -> None:
-        self.rgb.setup(pl_module)
-        self.geometry.setup(pl_module)
+    def setup(self, model: nn.Module | None) -> None:
+        self.rgb.setup(model)
+        self.geometry.setup(model)
 
     def teardown(self) -> None:
         """Release what the sources hold (e.g. the model hook of ``ModelFeatures``)."""

@@ -11,8 +11,8 @@ those same maps:
   single global threshold, not a usable method);
 - anomalib 2.7's ``MEBinPostProcessor`` masks (a threshold per image, from the stability of its connected
   components), on the test batches as anomalib's test loop sees them;
-- each refinement setting of the config, run by :class:`TestTimeSegmentation` on the recorded maps and images
-  (no second pass of the model).
+- each refinement setting of the config, run by the callback's pipeline and adapter
+  (:class:`~anomalib_tts.adapter.BatchRefiner`) on the recorded maps and images (no second pass of the model).
 
 It prints a table and writes ``results.csv``, ``results.md`` and per-image panels (image | score map |
 anomalib's mask | refined masks | ground truth) under the output folder.
@@ -36,9 +36,10 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from anomalib_tts.baselines import mebin_masks, superadd_threshold
-from anomalib_tts.callback import RawMapKeeper, TestTimeSegmentation
-from anomalib_tts.evaluation import MaskRecorder, NominalPixelStats, normalized_threshold, oracle_threshold
+from anomalib_tts.adapter import BatchRefiner
+from anomalib_tts.lightning.callback import RawMapKeeper
+from anomalib_tts.tools.baselines import mebin_masks, superadd_threshold
+from anomalib_tts.tools.evaluation import MaskRecorder, NominalPixelStats, normalized_threshold, oracle_threshold
 
 METRICS = (
     "pixel_f1_all",
@@ -134,12 +135,12 @@ class DatasetSpec:
 
 @dataclass
 class RefinementSpec:
-    """A refinement setting: init args of :class:`TestTimeSegmentation`, as under ``trainer.callbacks`` in YAML.
+    """A refinement setting: init args of ``TestTimeSegmentation``, as under ``trainer.callbacks`` in YAML.
 
     Args:
         name: Its name in the results.
         args: e.g. ``{"pseudo_labels": "percentile", "features": "model", "classifier": {"class_path":
-            "anomalib_tts.LinearSVM", "init_args": {"l2": 0.5}}}``.
+            "anomalib_tts.LinearSVM", "init_args": {"l2": 0.5}}}`` (``stages`` is ignored).
 
     Example:
         >>> RefinementSpec(name="paper recipe", args={"pseudo_labels": "percentile"}).build().gate
@@ -152,10 +153,10 @@ class RefinementSpec:
     def __post_init__(self) -> None:
         _require(bool(self.name), "RefinementSpec.name must not be empty")
 
-    def build(self) -> TestTimeSegmentation:
-        """The callback of this setting; ``ValueError`` naming the setting if ``args`` do not fit."""
+    def build(self) -> BatchRefiner:
+        """The refiner of this setting; ``ValueError`` naming the setting if ``args`` do not fit."""
         try:
-            return TestTimeSegmentation.from_init_args(self.args)
+            return BatchRefiner.from_init_args(self.args, ignore=("stages",))
         except (TypeError, ValueError) as error:
             msg = f"refinement {self.name!r}: args={self.args} do not fit TestTimeSegmentation: {error}"
             raise ValueError(msg) from error
@@ -250,7 +251,7 @@ class ScoreMapRecorder(MaskRecorder):
 
 
 @dataclass
-class TestRun:
+class RecordedRun:
     """One model's test run on one dataset, recorded, with what the baselines need.
 
     Attributes:
@@ -259,8 +260,6 @@ class TestRun:
         post_processor: The model's fitted PostProcessor (its normalization and threshold).
         model_seconds_per_image: Wall time of ``Engine.test`` per test image.
     """
-
-    __test__ = False  # not a pytest test class
 
     recorder: ScoreMapRecorder
     nominal: NominalPixelStats
@@ -282,7 +281,7 @@ class TestRun:
         return normalized_threshold(raw_threshold, self.post_processor)
 
 
-BASELINES: dict[str, Callable[[TestRun], float]] = {
+BASELINES: dict[str, Callable[[RecordedRun], float]] = {
     "anomalib threshold": lambda run: run.anomalib_threshold,
     "mean + 3 std of nominal val. pixels": lambda run: run.normalized(run.nominal.mean + 3 * run.nominal.std),
     "max of nominal val. pixels": lambda run: run.normalized(run.nominal.maximum),
@@ -297,7 +296,7 @@ BASELINES: dict[str, Callable[[TestRun], float]] = {
 MEBIN_ROW = "MEBin (per-image threshold)"
 
 
-def mebin_recorded(run: TestRun, batch_size: int) -> Tensor:
+def mebin_recorded(run: RecordedRun, batch_size: int) -> Tensor:
     """``MEBinPostProcessor``'s masks of the recorded test images, batch by batch as the test loop saw them.
 
     MEBin reads the PostProcessor's normalized maps, clipped to ``[0, 1]``, and sweeps each batch's range of
@@ -331,7 +330,7 @@ def checkpoint_path(config: CompareConfig, model: ModelSpec, dataset: DatasetSpe
     return Path(given) if given else Path(config.output) / "checkpoints" / str(dataset.name) / f"{model.name}.ckpt"
 
 
-def run_model(config: CompareConfig, model_spec: ModelSpec, dataset: DatasetSpec) -> tuple[Any, TestRun]:
+def run_model(config: CompareConfig, model_spec: ModelSpec, dataset: DatasetSpec) -> tuple[Any, RecordedRun]:
     """Fit (or load) the model, validate it (nominal statistics) and test it once, recording everything."""
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
@@ -355,10 +354,10 @@ def run_model(config: CompareConfig, model_spec: ModelSpec, dataset: DatasetSpec
     engine.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     seconds = time.perf_counter() - start
     images = len(recorder.records.paths)
-    return model, TestRun(recorder, nominal, model.post_processor, seconds / max(images, 1))
+    return model, RecordedRun(recorder, nominal, model.post_processor, seconds / max(images, 1))
 
 
-def recorded_batches(run: TestRun, batch_size: int, device: torch.device) -> Iterator[Any]:
+def recorded_batches(run: RecordedRun, batch_size: int, device: torch.device) -> Iterator[Any]:
     """The recorded test images as anomalib batches again, with unclipped maps and anomalib's masks."""
     from anomalib.data import ImageBatch
 
@@ -376,26 +375,25 @@ def recorded_batches(run: TestRun, batch_size: int, device: torch.device) -> Ite
         )
 
 
-def refine_recorded(spec: RefinementSpec, model: Any, run: TestRun, batch_size: int) -> tuple[Tensor, dict[str, Any]]:
+def refine_recorded(spec: RefinementSpec, model: Any, run: RecordedRun, batch_size: int) -> tuple[Tensor, dict[str, Any]]:
     """Refine every recorded test image with ``spec``, as the callback would have in the test loop.
 
-    The callback's ``refine_batch`` runs on the recorded batches; with ``features: model`` the features come
-    from the model's own extractor, run on the recorded images.
+    The adapter the callback runs refines the recorded batches (their maps are already unclipped); with
+    ``features: model`` the features come from the model's own extractor, run on the recorded images.
 
     Returns:
         ``(N, H, W)`` bool masks, and ``images_refined`` and ``ms_per_image``.
     """
-    callback = spec.build()
+    refiner = spec.build()
     device = next(model.parameters(), torch.empty(0)).device
     model.eval()
-    callback.refiner.features.setup(model)
-    callback.nominal_threshold = run.anomalib_threshold
+    refiner.bind(model)
     masks = []
     for batch in recorded_batches(run, batch_size, device):
-        callback.refine_batch(batch)
+        refiner.refine_batch(batch)
         masks.append(batch.pred_mask.reshape(batch.anomaly_map.shape).bool().cpu())
-    callback.teardown(None, model, "test")  # type: ignore[arg-type]
-    stats = callback.stats
+    refiner.release()
+    stats = refiner.stats
     return torch.cat(masks), {
         "images_refined": stats.refined,
         "ms_per_image": 1000 * stats.seconds / max(stats.images, 1),
@@ -417,7 +415,7 @@ def panel_indices(count: int, panels: int) -> list[int]:
 MASK_STYLE = {"cmap": "gray", "vmin": 0, "vmax": 1}
 
 
-def write_panels(folder: Path, run: TestRun, refined: dict[str, Tensor], indices: Sequence[int]) -> list[Path]:
+def write_panels(folder: Path, run: RecordedRun, refined: dict[str, Tensor], indices: Sequence[int]) -> list[Path]:
     """One PNG per image: image | score map | anomalib's mask | each refined mask | ground truth."""
     import matplotlib as mpl
 

@@ -2,7 +2,7 @@
 
 :class:`MaskRecorder` is a callback that keeps what anomalib finally reports for every test image (the masks
 the Evaluator scores, the ground truth, the labels); :func:`segmentation_scores` turns that into the numbers
-docs/results.md reports; :func:`oracle_threshold` and :class:`NominalPixelStats` give the thresholds the refinement
+``anomalib-tts compare`` reports; :func:`oracle_threshold` and :class:`NominalPixelStats` give the thresholds the refinement
 is compared with. The refinement and the Evaluator metrics (:mod:`anomalib_tts.metrics`) do not import this
 module.
 """
@@ -15,8 +15,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
+from anomalib_tts.lightning.placement import place_callback
 from anomalib_tts.metrics import f1_score, iou_score
-from anomalib_tts.placement import place_callback
 
 
 @dataclass
@@ -98,7 +98,7 @@ class MaskRecorder(Callback):
 def segmentation_scores(
     pred_masks: Tensor, gt_masks: Tensor, pred_labels: Tensor, gt_labels: Tensor
 ) -> dict[str, float]:
-    """The numbers ``anomalib-tts compare`` reports (docs/results.md).
+    """The numbers ``anomalib-tts compare`` reports.
 
     Returns:
         ``pixel_f1_all`` (pooled over all images: anomalib's ``pixel_F1Score``), ``pixel_f1_defective`` (pooled
@@ -149,7 +149,8 @@ def oracle_threshold(scores: Tensor, truth: Tensor) -> float:
 
 
 class NominalPixelStats(Callback):
-    """Mean, standard deviation, maximum and all raw pixel scores of the validation images (nominal only).
+    """Mean, standard deviation, maximum and all raw pixel scores of the validation images (nominal only), and the
+    images with their raw maps (what a calibration reads).
 
     Run ``engine.validate`` with it to get the "mean + k std", "max of nominal" and SuperADD threshold baselines.
     """
@@ -160,6 +161,8 @@ class NominalPixelStats(Callback):
         self.count = 0
         self.maximum = float("-inf")
         self.batches: list[Tensor] = []
+        self.images: list[Tensor] = []
+        self.maps: list[Tensor] = []
 
     @override
     def on_validation_batch_end(
@@ -171,6 +174,8 @@ class NominalPixelStats(Callback):
         self.count += maps.numel()
         self.maximum = max(self.maximum, float(maps.max()))
         self.batches.append(outputs.anomaly_map.detach().float().flatten().cpu())
+        self.images.append(outputs.image.detach().float().cpu())
+        self.maps.append(outputs.anomaly_map.detach().float().reshape(maps.shape[0], *maps.shape[-2:]).cpu())
 
     @property
     def pixels(self) -> Tensor:
@@ -190,7 +195,7 @@ class NominalPixelStats(Callback):
 
 def normalized_threshold(raw_threshold: float, post_processor: Any) -> float:
     """A raw pixel threshold expressed on the PostProcessor's normalized scale."""
-    from anomalib_tts.callback import unclipped_scores
+    from anomalib_tts.adapter import unclipped_scores
 
     normalized = unclipped_scores(torch.tensor(raw_threshold), post_processor)
     if normalized is None:

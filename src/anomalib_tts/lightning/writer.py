@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
-from anomalib_tts.placement import place_callback
+from anomalib_tts.lightning.placement import place_callback
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ class MVTec3D(AnomalibMVTec3D):
 
     Example:
         >>> import tempfile
-        >>> from anomalib_tts.data import make_mvtec3d_dataset
+        >>> from anomalib_tts.tools.data import make_mvtec3d_dataset
         >>> root = tempfile.mkdtemp()
         >>> _ = make_mvtec3d_dataset(root, n_train=2, n_test_good=1, n_test_defect=1, image_size=32)
         >>> datamodule = MVTec3D(root=root, category="texture3d", num_workers=0)

@@ -17,6 +17,9 @@ environment variable ``ANOMALIB_TTS_CONFIG`` names a YAML file with the callback
     init_args:
       features: model
 
+Lightning imports this module whenever it builds a Trainer; it imports the rest of the package only when the
+variable is set.
+
 Example:
     .. code-block:: bash
 
@@ -28,14 +31,13 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from anomalib_tts.callback import TestTimeSegmentation
-from anomalib_tts.placement import remove_callbacks
+if TYPE_CHECKING:
+    from anomalib_tts.lightning.callback import TestTimeSegmentation
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +69,20 @@ def callbacks_from_environment() -> list[Callback]:
     return [callback, ConfiguredCallbackGuard(callback)]
 
 
-def load_callback(path: str | Path) -> TestTimeSegmentation:
+def load_callback(path: str | Path) -> "TestTimeSegmentation":
     """Build the callback that the YAML file at ``path`` describes (init args, or ``class_path`` + ``init_args``).
 
     Example:
         >>> import tempfile
         >>> with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
         ...     _ = file.write("features: model\\nmax_positives: 500\\n")
-        >>> load_callback(file.name).refiner.max_positives
+        >>> load_callback(file.name).pipeline.max_positives
         500
     """
+    import yaml
+
+    from anomalib_tts.lightning.callback import TestTimeSegmentation
+
     path = Path(path)
     if not path.is_file():
         msg = f"{CONFIG_VARIABLE} names {path}, which is not a file"
@@ -101,7 +107,9 @@ def load_callback(path: str | Path) -> TestTimeSegmentation:
         raise ValueError(msg) from error
 
 
-def _callback_class(entry: dict[str, Any], path: Path) -> tuple[type[TestTimeSegmentation], Any]:
+def _callback_class(entry: dict[str, Any], path: Path) -> tuple[type["TestTimeSegmentation"], Any]:
+    from anomalib_tts.lightning.callback import TestTimeSegmentation
+
     unknown = sorted(set(entry) - {"class_path", "init_args"})
     if unknown:
         msg = f"{path}: next to class_path only init_args is allowed, got {unknown}"
@@ -128,11 +136,14 @@ class ConfiguredCallbackGuard(Callback):
         callback: The callback the factory added.
     """
 
-    def __init__(self, callback: TestTimeSegmentation) -> None:
+    def __init__(self, callback: "TestTimeSegmentation") -> None:
         self.callback = callback
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from anomalib_tts.lightning.callback import TestTimeSegmentation
+        from anomalib_tts.lightning.placement import remove_callbacks
+
         refiners = [other for other in trainer.callbacks if isinstance(other, TestTimeSegmentation)]
         configured = [other for other in refiners if other is not self.callback]
         if configured:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from anomalib_tts.registry import Registry
-from anomalib_tts.validation import check_count
+from anomalib_tts.pipeline.registry import Registry
+from anomalib_tts.pipeline.validation import check_odd, check_range
 
 
 @dataclass
@@ -95,18 +95,6 @@ def dilate(mask: Tensor, size: int) -> Tensor:
     return F.max_pool2d(mask[:, None].float(), size, stride=1, padding=size // 2)[:, 0] > 0
 
 
-def _check_positive_odd(name: str, value: int) -> None:
-    if check_count(name, value) % 2 == 0:
-        msg = f"{name} must be a positive odd number of pixels, got {value}"
-        raise ValueError(msg)
-
-
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        msg = f"{name} must lie in [{low}, {high}], got {value}"
-        raise ValueError(msg)
-
-
 def _peak_positives(
     score_maps: Tensor,
     valid: Tensor,
@@ -145,9 +133,9 @@ class PercentilePeaks(PseudoLabeler):
     """
 
     def __init__(self, percentile: float = 99.0, peak_window: int = 3, neighbourhood: int = 3) -> None:
-        _check_range("percentile", percentile, 0.0, 100.0)
-        _check_positive_odd("peak_window", peak_window)
-        _check_positive_odd("neighbourhood", neighbourhood)
+        check_range("percentile", percentile, 0.0, 100.0)
+        check_odd("peak_window", peak_window)
+        check_odd("neighbourhood", neighbourhood)
         self.percentile = percentile
         self.peak_window = peak_window
         self.neighbourhood = neighbourhood
@@ -191,13 +179,13 @@ class NominalAware(PseudoLabeler):
         peak_window: int = 3,
         neighbourhood: int = 1,
     ) -> None:
-        _check_range("positive_margin", positive_margin, -1.0, 1.0)
-        _check_range("negative_margin", negative_margin, -1.0, 1.0)
+        check_range("positive_margin", positive_margin, -1.0, 1.0)
+        check_range("negative_margin", negative_margin, -1.0, 1.0)
         if positive_margin < -negative_margin:
             msg = f"positive_margin ({positive_margin}) must not put the positive bar below the negative one"
             raise ValueError(msg)
-        _check_positive_odd("peak_window", peak_window)
-        _check_positive_odd("neighbourhood", neighbourhood)
+        check_odd("peak_window", peak_window)
+        check_odd("neighbourhood", neighbourhood)
         self.positive_margin = positive_margin
         self.negative_margin = negative_margin
         self.peak_window = peak_window
@@ -255,7 +243,7 @@ class RobustNominal(NominalAware):
         neighbourhood: int = 1,
     ) -> None:
         super().__init__(positive_margin, negative_margin, peak_window, neighbourhood)
-        _check_range("drift_quantile", drift_quantile, 0.0, 1.0)
+        check_range("drift_quantile", drift_quantile, 0.0, 1.0)
         self.drift_quantile = drift_quantile
 
     def bars(self, score_maps: Tensor, valid: Tensor, nominal_threshold: float) -> tuple[Tensor, Tensor]:
@@ -301,11 +289,11 @@ class PeakRelative(PseudoLabeler):
         min_peak_deviations: float = 3.5,
         sure_margin: float = 0.0,
     ) -> None:
-        _check_range("positive_fraction", positive_fraction, 0.0, 1.0)
-        _check_range("negative_fraction", negative_fraction, 0.0, positive_fraction)
-        _check_range("floor_margin", floor_margin, -1.0, 1.0)
-        _check_range("min_peak_deviations", min_peak_deviations, 0.0, float("inf"))
-        _check_range("sure_margin", sure_margin, floor_margin, float("inf"))
+        check_range("positive_fraction", positive_fraction, 0.0, 1.0)
+        check_range("negative_fraction", negative_fraction, 0.0, positive_fraction)
+        check_range("floor_margin", floor_margin, -1.0, 1.0)
+        check_range("min_peak_deviations", min_peak_deviations, 0.0, float("inf"))
+        check_range("sure_margin", sure_margin, floor_margin, float("inf"))
         self.positive_fraction = positive_fraction
         self.negative_fraction = negative_fraction
         self.floor_margin = floor_margin
