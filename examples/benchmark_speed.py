@@ -10,9 +10,17 @@ every 0.5 ms by a thread) and ``torch.cuda.max_memory_allocated`` on GPU, measur
 what is timed. The table prints, per image, the model's time, the refinement's time, their ratio, the model's
 peak and the peak of test with refinement relative to it.
 
-``--stages`` profiles one more pass per row (``torch.profiler``, the refiner's ``tts.*`` ranges) and prints where
-the refinement's time goes, per image; on a GPU these are the times of the host code that launches each stage.
-``--threads`` sets torch's CPU threads.
+Each row also counts, per image, what the refinement asks of the host, from one more pass under
+``torch.profiler`` (not timed): ``ops``, the torch operators it dispatches from Python (``aten::`` events not nested
+in another ``aten::`` event: each costs a dispatch, and on a GPU at least one kernel launch); ``reads``, the values
+it reads back to Python (``aten::_local_scalar_dense``, what ``.item()``, ``int()``, ``float()`` and ``bool()`` of a
+tensor run, plus top-level ``aten::resolve_conj``, what ``.tolist()`` and ``.numpy()`` run on a CPU tensor); on a
+GPU also ``syncs``, the host's waits for the device (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``,
+``cudaEventSynchronize``), and ``launches``, the kernel launches (``cudaLaunchKernel``, ``cuLaunchKernel`` and their
+``Ex`` forms, ``cudaGraphLaunch``). Only events inside the refinement's range are counted, not the model's step.
+``--stages`` prints, from the same profiled pass, where the refinement's time goes per image (the refiner's
+``tts.*`` ranges); on a GPU these are the times of the host code that launches each stage. ``--threads`` sets
+torch's CPU threads.
 
 ``--check-masks`` also refines every test image twice, with the default layout (the linear model projected at
 each feature level's resolution, only the score map upsampled) and with an unoptimized one that classifies the
@@ -29,6 +37,7 @@ layer3``).
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import os
@@ -47,13 +56,14 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torchvision.transforms.v2 import Resize
 
-from anomalib_tts import TestTimeRefiner, TestTimeSegmentation
-from anomalib_tts.callback import RawMapKeeper
-from anomalib_tts.classifiers import Decision, LinearDecision, LogisticRegression, PixelClassifier
-from anomalib_tts.features import FeatureSource, Modalities, ModelFeatures, TimmFeatures
+from anomalib_tts.adapter import ModelFeatures
+from anomalib_tts.lightning.callback import RawMapKeeper, TestTimeSegmentation
 from anomalib_tts.metrics import f1_score
-from anomalib_tts.refiner import STAGE_PREFIX
-from anomalib_tts.sampling import path_seeds
+from anomalib_tts.pipeline import RefinementInputs, RefinementPipeline
+from anomalib_tts.pipeline.classifiers import Decision, LinearDecision, LogisticRegression, PixelClassifier
+from anomalib_tts.pipeline.features import FeatureSource, Modalities, TimmFeatures
+from anomalib_tts.pipeline.refinement import STAGE_PREFIX
+from anomalib_tts.pipeline.sampling import path_seeds
 
 
 class DenseDecision(Decision):
@@ -130,8 +140,11 @@ class Row:
     model_peak_mb: float
     with_refinement_peak_mb: float
     stage_ms: dict[str, float] = field(default_factory=dict)
+    counts: HostCounts | None = None
 
     def cells(self) -> list[str]:
+        counts = self.counts or HostCounts()
+        on_gpu = counts.on_gpu
         return [
             str(self.image_size),
             str(self.batch_size),
@@ -141,6 +154,10 @@ class Row:
             f"{100 * self.refine_ms / self.model_ms:.0f}%",
             f"{self.model_peak_mb:.0f}",
             f"{self.with_refinement_peak_mb / self.model_peak_mb:.2f}x",
+            f"{counts.ops:.0f}",
+            f"{counts.reads:.1f}",
+            f"{counts.syncs:.1f}" if on_gpu else "-",
+            f"{counts.launches:.0f}" if on_gpu else "-",
         ]
 
 
@@ -153,7 +170,74 @@ HEADER = [
     "refine/model",
     "model peak MB",
     "peak with refinement",
+    "ops/img",
+    "reads/img",
+    "syncs/img",
+    "launches/img",
 ]
+REFINEMENT_RANGE = "benchmark.refinement"
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+READ_EVENTS = ("aten::_local_scalar_dense",)
+TOP_LEVEL_READ_EVENTS = ("aten::resolve_conj",)  # all that .tolist() and .numpy() dispatch on a CPU tensor
+
+
+@dataclass
+class HostCounts:
+    """What the refinement asks of the host per image (see the module docstring for what each counts)."""
+
+    ops: float = 0.0
+    reads: float = 0.0
+    syncs: float = 0.0
+    launches: float = 0.0
+    on_gpu: bool = False
+
+
+def _aten_nested(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def refinement_ranges(events):
+    """``event -> bool``: whether a profiled event starts inside one of the refinement's (timed) ranges."""
+    ranges = sorted(
+        (event.time_range.start, event.time_range.end) for event in events if event.name == REFINEMENT_RANGE
+    )
+    starts = [start for start, _ in ranges]
+
+    def inside(event) -> bool:
+        index = bisect.bisect_right(starts, event.time_range.start) - 1
+        return index >= 0 and event.time_range.start < ranges[index][1]
+
+    return inside
+
+
+def host_counts(events, images: int, on_gpu: bool) -> HostCounts:
+    """Count the profiled ``events`` that lie inside the refinement's ranges, per image."""
+    inside = refinement_ranges(events)
+    counts = HostCounts(on_gpu=on_gpu)
+    for event in events:
+        name = event.name
+        if name == REFINEMENT_RANGE or not inside(event):
+            continue
+        if name in SYNC_EVENTS:
+            counts.syncs += 1
+        elif name in LAUNCH_EVENTS:
+            counts.launches += 1
+        elif name.startswith("aten::"):
+            if name in READ_EVENTS:
+                counts.reads += 1
+            if not _aten_nested(event):
+                counts.ops += 1
+                if name in TOP_LEVEL_READ_EVENTS:
+                    counts.reads += 1
+    for name in ("ops", "reads", "syncs", "launches"):
+        setattr(counts, name, getattr(counts, name) / max(images, 1))
+    return counts
 
 
 def fit_model(arguments: argparse.Namespace, root: Path, image_size: int, workdir: Path) -> tuple[Patchcore, MVTecAD]:
@@ -227,8 +311,10 @@ def run_batches(model: Patchcore, trainer: SimpleNamespace, loader, device: torc
             outputs = model_step(model, trainer, batch, index)
             synchronize(device)
             middle = time.perf_counter()
-            refinement.on_test_batch_end(trainer, model, outputs, batch, index)
-            synchronize(device)
+            # what profiled_pass counts: the timed batches' refinement, not the warm-up's
+            with torch.profiler.record_function(REFINEMENT_RANGE if index > 0 else "benchmark.warm_up"):
+                refinement.on_test_batch_end(trainer, model, outputs, batch, index)
+                synchronize(device)
             end = time.perf_counter()
         if index > 0:
             yield middle - start, end - middle, outputs.image.shape[0]
@@ -277,23 +363,30 @@ def measure(
         model_only.peak / 2**20,
         with_refinement.peak / 2**20,
     )
-    if arguments.stages:
-        row.stage_ms = stage_times(model, trainer, datamodule, device, num_batches)
+    row.stage_ms, row.counts = profiled_pass(model, trainer, datamodule, device, num_batches)
     return row
 
 
-def stage_times(model: Patchcore, trainer: SimpleNamespace, datamodule: MVTecAD, device, num_batches: int) -> dict:
-    """Milliseconds per image in each ``tts.*`` range of the refiner, over one more pass of the timed batches."""
+def profiled_pass(
+    model: Patchcore, trainer: SimpleNamespace, datamodule: MVTecAD, device: torch.device, num_batches: int
+) -> tuple[dict[str, float], HostCounts]:
+    """One more pass of the timed batches under ``torch.profiler``: milliseconds per image in each ``tts.*`` range
+    of the refiner, and the refinement's :class:`HostCounts`."""
     images = 0
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
         for _, _, batch_images in run_batches(model, trainer, datamodule.test_dataloader(), device, num_batches):
             images += batch_images
+    events = profile.events()
+    inside = refinement_ranges(events)
     totals: dict[str, float] = {}
-    for event in profile.events():
-        if event.name.startswith(STAGE_PREFIX):
+    for event in events:
+        if event.name.startswith(STAGE_PREFIX) and inside(event):
             name = event.name.removeprefix(STAGE_PREFIX)
             totals[name] = totals.get(name, 0.0) + event.cpu_time_total / 1000 / max(images, 1)
-    return totals
+    return totals, host_counts(events, images, device.type == "cuda")
 
 
 class FixedFeatures(FeatureSource):
@@ -308,12 +401,20 @@ class FixedFeatures(FeatureSource):
 
 def check_masks(model: Patchcore, datamodule: MVTecAD, device: torch.device) -> None:
     """Refine every test image with the default and the full-resolution layout; print how the masks differ."""
-    defaults = TestTimeSegmentation(features="model").refiner
+    defaults = RefinementPipeline(features="model", self_check="none", fallback="threshold")
     model_features = ModelFeatures()
     model_features.setup(model)
     features = FixedFeatures()
     refiners = [
-        TestTimeRefiner(defaults.labeler, features, classifier, defaults.max_positives, defaults.max_negatives)
+        RefinementPipeline(
+            defaults.pseudo_labels,
+            features,
+            classifier,
+            self_check="none",
+            fallback="threshold",
+            max_positives=defaults.max_positives,
+            max_negatives=defaults.max_negatives,
+        )
         for classifier in (defaults.classifier, DenseScoring(defaults.classifier))
     ]
     raw_maps = RawMapKeeper()
@@ -330,7 +431,8 @@ def check_masks(model: Patchcore, datamodule: MVTecAD, device: torch.device) -> 
             features.maps = model_features(Modalities(outputs.image))  # the test step's own features, from the hook
             seeds = path_seeds(outputs.image_path, device)
             for refiner, kept in zip(refiners, masks, strict=True):
-                kept.append(refiner(Modalities(outputs.image), maps, outputs.pred_mask, 0.5, seeds).masks.cpu())
+                inputs = RefinementInputs(Modalities(outputs.image), maps, outputs.pred_mask, seeds)
+                kept.append(refiner(inputs).masks.cpu())
         truth.append(outputs.gt_mask.cpu())
     model_features.teardown()
     first, second, gt = (torch.cat(kept).flatten(1) for kept in (*masks, truth))
@@ -374,7 +476,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         root = arguments.dataset_root
         if root is None:
-            from anomalib_tts.data import make_mvtec_dataset
+            from anomalib_tts.tools.data import make_mvtec_dataset
 
             root = Path(workdir) / "data"
             make_mvtec_dataset(root, category=arguments.category, n_train=40, n_test_good=16, n_test_defect=48)

@@ -5,17 +5,9 @@ import itertools
 import pytest
 import torch
 
-from anomalib_tts.classifiers import (
-    CLASSIFIERS,
-    SOLVERS,
-    Decision,
-    LinearSVM,
-    LogisticRegression,
-    Solver,
-    balanced_weights,
-    random_projection,
-)
-from anomalib_tts.features import FeaturePyramid
+from anomalib_tts.pipeline.classifiers import CLASSIFIERS, Decision, LinearSVM, LogisticRegression, balanced_weights
+from anomalib_tts.pipeline.features.pyramid import FeaturePyramid, random_projection
+from anomalib_tts.pipeline.solvers import SOLVERS, Solver
 
 
 def _problems(batch: int = 3, samples: int = 200, channels: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

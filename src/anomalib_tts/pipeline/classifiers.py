@@ -23,13 +23,14 @@ classifier's own ``projection`` does the same on the sampled features only, and 
 channel.
 """
 
-
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from anomalib_tts.pipeline.devices import device_constant
 from anomalib_tts.pipeline.features.pyramid import FeaturePyramid, flat_to_grid, random_projection
 from anomalib_tts.pipeline.registry import Registry
 from anomalib_tts.pipeline.solvers import SOLVERS, LinearProblem, row_times
@@ -120,6 +121,12 @@ class PixelClassifier(ABC):
 
 
 CLASSIFIERS: Registry[PixelClassifier] = Registry("classifier", methods=("fit",))
+
+
+@functools.lru_cache(maxsize=16)
+def _penalty(dim: int, device: torch.device) -> Tensor:
+    """``(dim,)`` ones, 0 for the bias (the last parameter, not regularized); made once per size and device."""
+    return device_constant((1.0,) * (dim - 1) + (0.0,), torch.float32, device)
 
 
 def balanced_weights(labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,8 +224,7 @@ class LinearClassifier(PixelClassifier):
             features_t = torch.matmul(projection.T, features_t)
         transposed = torch.cat((features_t, torch.ones_like(features_t[:, :1])), dim=1)
         augmented = transposed.transpose(1, 2)
-        penalty = torch.ones(augmented.shape[2], device=features.device)
-        penalty[-1] = 0.0  # the bias is not regularized
+        penalty = _penalty(augmented.shape[2], features.device)
         name = self.solver
         if name == "auto":
             name = self.narrow_solver if features_t.shape[1] <= NEWTON_MAX_CHANNELS else "gradient"
@@ -237,7 +243,17 @@ class LinearClassifier(PixelClassifier):
         return (weights * self.loss(margins)).sum(dim=-1) + self.l2 / 2 * (penalty * params.square()).sum(dim=-1)
 
     def gradient(self, problem: LinearProblem, margins: Tensor, params: Tensor) -> Tensor:
-        """Gradient of the objective at ``params``, whose margins ``y * (X params)`` are ``margins``."""
+        """Gradient of the objective at ``params``, whose margins ``y * (X params)`` are ``margins``.
+
+        ``margins (B, N)`` and ``params (B, C)``, or both as ``(B, 1, ...)`` rows (a ``(B, 1, C)`` gradient).
+        """
+        if margins.dim() == 3:
+            return torch.addcmul(
+                torch.bmm(problem.signed_weight_rows * self.loss_derivative(margins), problem.augmented),
+                problem.penalty,
+                params,
+                value=self.l2,
+            )
         return torch.addcmul(
             row_times(problem.signed_weights * self.loss_derivative(margins), problem.augmented),
             problem.penalty,

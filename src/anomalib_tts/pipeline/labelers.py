@@ -8,10 +8,12 @@ pixels are never labeled, and the two sets never overlap.
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from anomalib_tts.pipeline.devices import host_reads_are_free
 from anomalib_tts.pipeline.registry import Registry
 from anomalib_tts.pipeline.validation import check_odd, check_range
 
@@ -49,7 +51,9 @@ def masked_quantile(values: Tensor, valid: Tensor, quantile: float) -> Tensor:
     """Per-image quantile over the valid pixels (lower interpolation; no size limit, unlike ``torch.quantile``).
 
     One ``kthvalue`` selection per call, no sort: the invalid pixels of an image are filled with just enough
-    ``-inf`` (the rest ``+inf``) that the same rank of every row lands on that image's own quantile.
+    ``-inf`` (the rest ``+inf``) that the same rank of every row lands on that image's own quantile. On CPU each
+    row's valid pixels are selected by NumPy's ``partition`` instead (an introselect, several times faster than
+    ``kthvalue`` there), which gives the same value.
 
     Args:
         values: ``(B, H, W)`` maps.
@@ -68,8 +72,8 @@ def masked_quantile(values: Tensor, valid: Tensor, quantile: float) -> Tensor:
     mask = valid.flatten(1)
     size = flat.shape[1]
     rank = int((size - 1) * quantile)
-    if mask.device.type == "cpu" and bool(mask.all()):  # the usual case needs no filler (a free read on CPU)
-        return flat.amax(dim=1) if quantile == 1.0 else flat.kthvalue(rank + 1, dim=1).values
+    if host_reads_are_free(mask) and flat.dtype in (torch.float32, torch.float64):
+        return _masked_quantile_on_host(flat, mask, quantile)
     count = mask.sum(dim=1)
     if quantile == 1.0:  # the maximum needs no selection
         result = torch.where(mask, flat, torch.full_like(flat, float("-inf"))).amax(dim=1)
@@ -79,6 +83,23 @@ def masked_quantile(values: Tensor, valid: Tensor, quantile: float) -> Tensor:
     filler = torch.where(invalid_order <= (rank - valid_rank)[:, None], float("-inf"), float("inf")).to(flat.dtype)
     result = torch.where(mask, flat, filler).kthvalue(rank + 1, dim=1).values
     return torch.where(count > 0, result, torch.full_like(result, float("nan")))
+
+
+def _masked_quantile_on_host(flat: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """:func:`masked_quantile` of ``(B, N)`` CPU values: each row's valid values selected by ``numpy.partition``."""
+    if bool(mask.all()):  # the usual case: every row whole (a free read on CPU)
+        if quantile == 1.0:
+            return flat.amax(dim=1)
+        rank = int((flat.shape[1] - 1) * quantile)
+        return torch.from_numpy(np.partition(flat.numpy(), rank, axis=1)[:, rank].copy())
+    values, chosen = flat.numpy(), mask.numpy()
+    result = np.full(flat.shape[0], np.nan, dtype=values.dtype)
+    for row in range(flat.shape[0]):
+        kept = values[row][chosen[row]]
+        if kept.size:
+            rank = int((kept.size - 1) * quantile)
+            result[row] = kept.max() if quantile == 1.0 else np.partition(kept, rank)[rank]
+    return torch.from_numpy(result)
 
 
 def local_peaks(score_maps: Tensor, valid: Tensor, window: int) -> Tensor:
@@ -311,7 +332,7 @@ class PeakRelative(PseudoLabeler):
         positive = valid & (score_maps > positive_bar[:, None, None])
         sure = peak > nominal_threshold + self.sure_margin
         # the deviation check only decides images whose peak is not sure; on CPU, skip it when there are none
-        if self.min_peak_deviations > 0 and not (sure.device.type == "cpu" and bool(sure.all())):
+        if self.min_peak_deviations > 0 and not (host_reads_are_free(sure) and bool(sure.all())):
             deviation = 1.4826 * masked_quantile((score_maps - median[:, None, None]).abs(), valid, 0.5)
             stands_out = spread > self.min_peak_deviations * deviation
             positive &= (stands_out | sure)[:, None, None]
