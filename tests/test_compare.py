@@ -7,20 +7,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from anomalib_tts.compare import (
+from anomalib_tts.metrics import f1_score
+from anomalib_tts.calibration import DEFAULT_CANDIDATES
+from anomalib_tts.tools.compare import (
     BASELINES,
     COLUMNS,
+    EXTRA_COLUMNS,
+    FALLBACK_ROW,
     MEBIN_ROW,
     CompareConfig,
     DatasetSpec,
     ModelSpec,
+    RecordedRun,
     RefinementSpec,
-    TestRun,
     refine_recorded,
     run_model,
 )
-from anomalib_tts.evaluation import NominalPixelStats, oracle_threshold, segmentation_scores
-from anomalib_tts.metrics import f1_score
+from anomalib_tts.tools.evaluation import NominalPixelStats, oracle_threshold, segmentation_scores
+from tests.conftest import CONFIGS
 
 PADIM = {"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"], "pre_trained": False}
 
@@ -44,8 +48,8 @@ def test_oracle_threshold_edge_cases() -> None:
 
 def test_nominal_pixel_stats_over_batches() -> None:
     stats = NominalPixelStats()
-    for values in ([1.0, 3.0], [2.0, 6.0]):
-        batch = SimpleNamespace(anomaly_map=torch.tensor(values))
+    for values in ([1.0, 3.0], [2.0, 6.0]):  # one validation image of 1 x 2 pixels per batch
+        batch = SimpleNamespace(image=torch.zeros(1, 3, 1, 2), anomaly_map=torch.tensor([[values]]))
         stats.on_validation_batch_end(None, None, batch)  # type: ignore[arg-type]
     # pixels 1, 3, 2, 6: mean 3, variance (4 + 0 + 1 + 9) / 4 = 3.5, maximum 6
     assert stats.mean == pytest.approx(3.0)
@@ -54,7 +58,7 @@ def test_nominal_pixel_stats_over_batches() -> None:
     assert sorted(stats.pixels.tolist()) == [1.0, 2.0, 3.0, 6.0]  # kept for the SuperADD percentile
 
 
-def _run_with(nominal: NominalPixelStats, maps: torch.Tensor, gt: torch.Tensor) -> TestRun:
+def _run_with(nominal: NominalPixelStats, maps: torch.Tensor, gt: torch.Tensor) -> RecordedRun:
     # anomalib's normalization: (raw - threshold) / (max - min) + 0.5, with threshold 2, min 0, max 4
     post_processor = SimpleNamespace(
         pixel_threshold=torch.tensor(2.0),
@@ -63,7 +67,7 @@ def _run_with(nominal: NominalPixelStats, maps: torch.Tensor, gt: torch.Tensor) 
         normalized_pixel_threshold=torch.tensor(0.5),
     )
     recorder = SimpleNamespace(score_maps=[maps], records=SimpleNamespace(stacked=lambda name: gt))
-    return TestRun(recorder, nominal, post_processor, model_seconds_per_image=0.0)  # type: ignore[arg-type]
+    return RecordedRun(recorder, nominal, post_processor, model_seconds_per_image=0.0)  # type: ignore[arg-type]
 
 
 def test_baseline_thresholds_against_hand_computed_values() -> None:
@@ -104,21 +108,31 @@ def test_config_rejects_bad_arguments_by_name() -> None:
         RefinementSpec("bad", {"pseudo_labels": "no such recipe"}).build()
 
 
-def test_shipped_config_parses_with_overrides() -> None:
-    from anomalib_tts.compare import parse_config
+def test_a_refinement_setting_builds_the_adapter_the_callback_runs() -> None:
+    from anomalib_tts.adapter import BatchRefiner
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    config = parse_config(["--config", str(configs / "compare.yaml"), "--panels", "2"])
+    spec = RefinementSpec("svm", {"classifier": "svm", "gate": "pred_label", "max_positives": 50, "stages": "test"})
+    refiner = spec.build()  # the callback's stages do not concern recorded maps
+    assert isinstance(refiner, BatchRefiner)
+    assert (type(refiner.pipeline.classifier).__name__, refiner.pipeline.max_positives) == ("LinearSVM", 50)
+    assert refiner.gate == "pred_label"
+
+
+def test_shipped_config_parses_with_overrides() -> None:
+    from anomalib_tts.tools.compare import parse_config
+
+    config = parse_config(["--config", str(CONFIGS / "compare.yaml"), "--panels", "2"])
     assert config.panels == 2
-    categories = ["metal_plate", "magnetic_tile", "pcb"]
+    categories = ["metal_plate", "magnetic_tile", "cookie"]
     assert [dataset.name for dataset in config.datasets] == [
         f"{c}{kind}" for c in categories for kind in ("", "_mixed")
     ]
-    at_512 = parse_config(["--config", str(configs / "compare_pcb512.yaml")])
+    at_512 = parse_config(["--config", str(CONFIGS / "compare_pcb512.yaml")])
     assert (at_512.image_size, [dataset.name for dataset in at_512.datasets]) == (512, ["pcb", "pcb_mixed"])
     for shipped in (config, at_512):
         assert all(set(dataset.checkpoints) == {"patchcore"} for dataset in shipped.datasets)
-        assert shipped.refinements[0].name == "default"
+        assert shipped.refinements[0].name == "default" and shipped.refinements[0].calibrated
+        assert [refinement.calibrated for refinement in shipped.refinements[1:]] == [False] * 3
         for refinement in shipped.refinements:
             refinement.build()  # a ValueError naming the setting if its args do not fit the callback
 
@@ -126,7 +140,7 @@ def test_shipped_config_parses_with_overrides() -> None:
 @pytest.fixture(scope="module")
 def compared(synthetic_root: Path, padim_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``anomalib-tts compare`` on the generated dataset: one entry loads a checkpoint, the other fits."""
-    from anomalib_tts.cli import main
+    from anomalib_tts.tools.cli import main
 
     output = tmp_path_factory.mktemp("compare")
     config = output / "compare.yaml"
@@ -144,7 +158,8 @@ datasets:
   - {{root: {synthetic_root}, category: texture, name: loaded, checkpoints: {{padim: {padim_checkpoint}}}}}
   - {{root: {synthetic_root}, category: texture, name: fitted}}
 refinements:
-  - {{name: model features, args: {{features: model}}}}
+  - {{name: model features, args: {{features: model, calibration_images: 8}}}}
+  - {{name: as configured, args: {{features: model, calibrate: false}}}}
 """
     )
     main(["compare", "--config", str(config)])
@@ -156,11 +171,11 @@ def test_compare_writes_every_row_and_column(compared: Path) -> None:
     with (compared / "results.csv").open() as file:
         reader = csv.DictReader(file)
         rows = list(reader)
-    assert reader.fieldnames == [*COLUMNS, "model_ms_per_image"]
-    expected = [*BASELINES, MEBIN_ROW, "refined: model features"]
-    assert [(row["dataset"], row["masks"]) for row in rows] == [
-        (name, masks) for name in ("loaded", "fitted") for masks in expected
-    ]
+    assert reader.fieldnames == [*COLUMNS, *EXTRA_COLUMNS]
+    candidates = [f"candidate: {candidate.name}" for candidate in DEFAULT_CANDIDATES]
+    expected = [*BASELINES, MEBIN_ROW, FALLBACK_ROW, *candidates, "calibrated: model features", "refined: as configured"]
+    found = [(row["dataset"], row["masks"].removesuffix(" (chosen)").split(" (chose ")[0]) for row in rows]
+    assert found == [(name, masks) for name in ("loaded", "fitted") for masks in expected]
     markdown = (compared / "results.md").read_text()
     assert all(f"| {row['dataset']} | {row['masks']} |" in markdown for row in rows)
     assert (compared / "checkpoints" / "fitted" / "padim.ckpt").exists()  # fitted once, saved for the next run
@@ -172,8 +187,15 @@ def test_compare_writes_every_row_and_column(compared: Path) -> None:
         assert all(float(by_masks[masks]["pixel_f1_all"]) <= oracle + 1e-6 for masks in realistic)
         # a nominal-only validation split: anomalib's F1-adaptive threshold is the highest nominal pixel score
         assert by_masks["anomalib threshold"]["pixel_f1_all"] == by_masks["max of nominal val. pixels"]["pixel_f1_all"]
-        assert 0 < int(by_masks["refined: model features"]["images_refined"]) <= 15
+        assert 0 < int(by_masks["refined: as configured"]["images_refined"]) <= 15
         assert 0 <= float(by_masks[MEBIN_ROW]["false_alarm_rate"]) <= 1
+        (calibrated,) = [row for masks, row in by_masks.items() if masks.startswith("calibrated: model features")]
+        chosen = [masks for masks in by_masks if masks.endswith(" (chosen)")]
+        assert chosen == [f"candidate: {calibrated['masks'].split('(chose ', 1)[1][:-1]} (chosen)"]
+        # the chosen candidate's masks on the test images are the calibrated setting's
+        assert by_masks[chosen[0]]["mean_f1_defective"] == calibrated["mean_f1_defective"]
+        assert -1 <= float(calibrated["rank_correlation"]) <= 1 and float(calibrated["calibration_seconds"]) > 0
+        assert all(row["synthetic_mean_f1"] for masks, row in by_masks.items() if masks.startswith("candidate: "))
 
 
 @pytest.mark.slow
@@ -190,18 +212,20 @@ def test_refinement_of_recorded_maps_equals_the_callback_in_the_test_loop(
 ) -> None:
     from anomalib.engine import Engine
 
-    from anomalib_tts.compare import make_datamodule
-    from anomalib_tts.evaluation import MaskRecorder
+    from anomalib_tts.lightning.callback import TestTimeSegmentation
+    from anomalib_tts.tools.compare import make_datamodule
+    from anomalib_tts.tools.evaluation import MaskRecorder
 
     dataset = DatasetSpec(str(synthetic_root), "texture", checkpoints={"padim": str(padim_checkpoint)})
     model_spec = ModelSpec("padim", "Padim", PADIM)
     config = CompareConfig(models=[model_spec], datasets=[dataset], output=str(tmp_path), batch_size=4)
-    refinement = RefinementSpec("model features", {"features": "model"})
+    refinement = RefinementSpec("model features", {"features": "model", "calibrate": False})
     model, run = run_model(config, model_spec, dataset)
-    offline, _ = refine_recorded(refinement, model, run, config.batch_size)
+    offline, _ = refine_recorded(refinement.build(), model, run, config.batch_size)
 
     recorder = MaskRecorder()
-    engine = Engine(callbacks=[refinement.build(), recorder], default_root_dir=tmp_path, logger=False)
+    callback = TestTimeSegmentation.from_init_args(refinement.args)  # the callback of the same setting
+    engine = Engine(callbacks=[callback, recorder], default_root_dir=tmp_path, logger=False)
     engine.test(model_spec.build(256), datamodule=make_datamodule(config, dataset), ckpt_path=padim_checkpoint)
     in_loop = recorder.records.stacked("pred_masks")
     assert not torch.equal(in_loop, run.recorder.records.stacked("pred_masks"))  # refinement changed masks

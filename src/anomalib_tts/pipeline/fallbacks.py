@@ -14,8 +14,15 @@ from anomalib_tts.pipeline.registry import Registry
 from anomalib_tts.pipeline.thresholds import stable_thresholds
 from anomalib_tts.pipeline.validation import check_count
 
+
 class FallbackMask(ABC):
     """Base of the fallback masks: what an image gets when its mask is not replaced by a refined one.
+
+    Attributes:
+        on_device: ``True`` where each image's mask is computed from that image alone, by tensor operations on the
+            maps' device: on an accelerator the pipeline then computes it for the whole batch and keeps it where an
+            image falls back, instead of reading back which images do (a wait for the device). ``False`` (the
+            default, e.g. MEBin's sweep, which runs on the host): it is called on the falling-back images only.
 
     Example:
         >>> class Empty(FallbackMask):
@@ -24,6 +31,8 @@ class FallbackMask(ABC):
         >>> Empty()(torch.rand(1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), 0.5).any().item()
         False
     """
+
+    on_device: bool = False
 
     @abstractmethod
     def __call__(self, score_maps: Tensor, masks: Tensor, nominal_threshold: float) -> Tensor:
@@ -42,6 +51,8 @@ class ThresholdMask(FallbackMask):
         >>> bool((ThresholdMask()(torch.rand(2, 4, 4), masks, 0.5) == masks).all())
         True
     """
+
+    on_device = True
 
     def __call__(self, score_maps: Tensor, masks: Tensor, nominal_threshold: float) -> Tensor:
         return masks
@@ -92,3 +103,27 @@ class StableThreshold(FallbackMask):
         kernel_size = self.kernel_size or None
         thresholds = stable_thresholds(scaled, self.sample_rate, self.min_interval_len, kernel_size)
         return (scaled > thresholds[:, None, None]) & (peak > self.floor)[:, None, None]
+
+
+@FALLBACKS.register("fixed")
+class FixedThreshold(FallbackMask):
+    """The map cut at one global threshold on the normalized scale (anomalib's own is at 0.5).
+
+    A calibration that finds a global threshold best for a dataset (e.g. mean + 3 std of the nominal pixels)
+    expresses it as this fallback, with refinement off.
+
+    Args:
+        threshold: Pixels of the normalized map above it are defective.
+
+    Example:
+        >>> FixedThreshold(0.3)(torch.tensor([[[0.2, 0.4]]]), torch.zeros(1, 1, 2, dtype=torch.bool), 0.5).tolist()
+        [[[False, True]]]
+    """
+
+    on_device = True
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = float(threshold)
+
+    def __call__(self, score_maps: Tensor, masks: Tensor, nominal_threshold: float) -> Tensor:
+        return torch.nan_to_num(score_maps.float(), nan=float("-inf")) > self.threshold

@@ -10,7 +10,8 @@ those same maps:
   scores x 1.421), and the oracle threshold (best pixel F1 pooled over the test set itself: the ceiling of any
   single global threshold, not a usable method);
 - anomalib 2.7's ``MEBinPostProcessor`` masks (a threshold per image, from the stability of its connected
-  components), on the test batches as anomalib's test loop sees them;
+  components), on the test batches as anomalib's test loop sees them, and the refinement's fallback alone (MEBin's
+  stable threshold swept over each image's own range);
 - each refinement setting of the config, run by the callback's pipeline and adapter
   (:class:`~anomalib_tts.adapter.BatchRefiner`) on the recorded maps and images (no second pass of the model).
 
@@ -36,8 +37,19 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from anomalib_tts.adapter import BatchRefiner
+from anomalib_tts.adapter import BatchFields, BatchRefiner, post_processor_normalization, raw_anomaly_maps
+from anomalib_tts.calibration import (
+    DEFAULT_CANDIDATES,
+    Calibration,
+    Normalization,
+    PrecomputedFeatures,
+    build_pipeline,
+    calibrate,
+    candidate_overrides,
+)
+from anomalib_tts.deploy import LIGHTNING_OPTIONS
 from anomalib_tts.lightning.callback import RawMapKeeper
+from anomalib_tts.pipeline import StableThreshold
 from anomalib_tts.tools.baselines import mebin_masks, superadd_threshold
 from anomalib_tts.tools.evaluation import MaskRecorder, NominalPixelStats, normalized_threshold, oracle_threshold
 
@@ -50,7 +62,8 @@ METRICS = (
     "image_f1_mask",
     "false_alarm_rate",
 )
-COLUMNS = ("model", "dataset", "masks", "threshold", *METRICS, "images_refined", "ms_per_image")
+COLUMNS = ("model", "dataset", "masks", "threshold", *METRICS, "synthetic_mean_f1", "images_refined", "ms_per_image")
+EXTRA_COLUMNS = ("model_ms_per_image", "calibration_seconds", "validation_seconds", "rank_correlation")  # in the csv
 HEADERS = {
     "model": "model",
     "dataset": "dataset",
@@ -63,6 +76,7 @@ HEADERS = {
     "image_f1": "image F1 (label)",
     "image_f1_mask": "image F1 (mask)",
     "false_alarm_rate": "false alarms (good images)",
+    "synthetic_mean_f1": "mean F1 (synthetic defects)",
     "images_refined": "images refined",
     "ms_per_image": "refinement ms/image",
 }
@@ -153,10 +167,15 @@ class RefinementSpec:
     def __post_init__(self) -> None:
         _require(bool(self.name), "RefinementSpec.name must not be empty")
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the callback would calibrate this setting on the good images (its ``calibrate`` argument)."""
+        return bool(self.args.get("calibrate", True))
+
     def build(self) -> BatchRefiner:
         """The refiner of this setting; ``ValueError`` naming the setting if ``args`` do not fit."""
         try:
-            return BatchRefiner.from_init_args(self.args, ignore=("stages",))
+            return BatchRefiner.from_init_args(self.args, ignore=LIGHTNING_OPTIONS)
         except (TypeError, ValueError) as error:
             msg = f"refinement {self.name!r}: args={self.args} do not fit TestTimeSegmentation: {error}"
             raise ValueError(msg) from error
@@ -259,12 +278,14 @@ class RecordedRun:
         nominal: Raw pixel statistics of the nominal validation images.
         post_processor: The model's fitted PostProcessor (its normalization and threshold).
         model_seconds_per_image: Wall time of ``Engine.test`` per test image.
+        validation_seconds: Wall time of ``Engine.validate`` on the nominal validation images.
     """
 
     recorder: ScoreMapRecorder
     nominal: NominalPixelStats
     post_processor: Any
     model_seconds_per_image: float
+    validation_seconds: float = 0.0
 
     @property
     def score_maps(self) -> Tensor:
@@ -294,6 +315,7 @@ BASELINES: dict[str, Callable[[RecordedRun], float]] = {
 
 
 MEBIN_ROW = "MEBin (per-image threshold)"
+FALLBACK_ROW = "stable threshold per image (the refinement's fallback alone)"
 
 
 def mebin_recorded(run: RecordedRun, batch_size: int) -> Tensor:
@@ -349,12 +371,14 @@ def run_model(config: CompareConfig, model_spec: ModelSpec, dataset: DatasetSpec
 
     nominal, recorder = NominalPixelStats(), ScoreMapRecorder()
     engine = Engine(callbacks=[nominal, recorder], **options)
+    start = time.perf_counter()
     engine.validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+    validation_seconds = time.perf_counter() - start
     start = time.perf_counter()
     engine.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     seconds = time.perf_counter() - start
     images = len(recorder.records.paths)
-    return model, RecordedRun(recorder, nominal, model.post_processor, seconds / max(images, 1))
+    return model, RecordedRun(recorder, nominal, model.post_processor, seconds / max(images, 1), validation_seconds)
 
 
 def recorded_batches(run: RecordedRun, batch_size: int, device: torch.device) -> Iterator[Any]:
@@ -375,8 +399,10 @@ def recorded_batches(run: RecordedRun, batch_size: int, device: torch.device) ->
         )
 
 
-def refine_recorded(spec: RefinementSpec, model: Any, run: RecordedRun, batch_size: int) -> tuple[Tensor, dict[str, Any]]:
-    """Refine every recorded test image with ``spec``, as the callback would have in the test loop.
+def refine_recorded(
+    refiner: BatchRefiner, model: Any, run: RecordedRun, batch_size: int
+) -> tuple[Tensor, dict[str, Any]]:
+    """Refine every recorded test image with ``refiner``, as the callback would have in the test loop.
 
     The adapter the callback runs refines the recorded batches (their maps are already unclipped); with
     ``features: model`` the features come from the model's own extractor, run on the recorded images.
@@ -384,10 +410,10 @@ def refine_recorded(spec: RefinementSpec, model: Any, run: RecordedRun, batch_si
     Returns:
         ``(N, H, W)`` bool masks, and ``images_refined`` and ``ms_per_image``.
     """
-    refiner = spec.build()
     device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     refiner.bind(model)
+    refiner.reset()
     masks = []
     for batch in recorded_batches(run, batch_size, device):
         refiner.refine_batch(batch)
@@ -398,6 +424,101 @@ def refine_recorded(spec: RefinementSpec, model: Any, run: RecordedRun, batch_si
         "images_refined": stats.refined,
         "ms_per_image": 1000 * stats.seconds / max(stats.images, 1),
     }
+
+
+def calibrate_recorded(
+    refiner: BatchRefiner, model: Any, run: RecordedRun, config: CompareConfig, **options: Any
+) -> Calibration:
+    """Calibrate ``refiner``'s pipeline on the recorded nominal validation images, as the callback does.
+
+    Synthetic defects are pasted into those images and scored by the model; the test images are not read.
+    ``options`` go to :func:`~anomalib_tts.calibration.calibrate` (``defects``, ``objective``, ...).
+    """
+    device = next(model.parameters(), torch.empty(0)).device
+    model.eval()
+    refiner.bind(model)
+    statistics = post_processor_normalization(run.post_processor)
+    if statistics is None:
+        msg = "calibrating needs the PostProcessor's pixel statistics (run validation first)"
+        raise ValueError(msg)
+    images = torch.cat(run.nominal.images).to(device)
+    maps = torch.cat(run.nominal.maps)
+    calibration = calibrate(
+        refiner.pipeline,
+        images,
+        maps,
+        lambda batch: raw_anomaly_maps(model, batch.to(device)),
+        Normalization(*statistics),
+        **{"seed": config.seed, "batch_size": config.batch_size, **options},
+    )
+    refiner.release()
+    return calibration
+
+
+def candidate_rows(
+    refiner: BatchRefiner, calibration: Calibration, model: Any, run: RecordedRun, config: CompareConfig
+) -> tuple[list[dict[str, Any]], float]:
+    """Every candidate of the calibration scored on the test images, and the rank correlation of their mean F1
+    on the synthetic defects with their mean F1 on the test images (Spearman).
+
+    The candidates share one computation of the features per batch.
+    """
+    records = run.recorder.records
+    statistics = post_processor_normalization(run.post_processor)
+    assert statistics is not None
+    nominal_maps = torch.cat(run.nominal.maps)
+    shared = PrecomputedFeatures()
+    normalization = Normalization(*statistics)
+    pipelines = {
+        candidate.name: build_pipeline(
+            refiner.pipeline, candidate_overrides(candidate, nominal_maps, normalization), features=shared
+        )
+        for candidate in DEFAULT_CANDIDATES
+    }
+    device = next(model.parameters(), torch.empty(0)).device
+    model.eval()
+    refiner.bind(model)
+    masks: dict[str, list[Tensor]] = {name: [] for name in pipelines}
+    for batch in recorded_batches(run, config.batch_size, device):
+        inputs = refiner.inputs(BatchFields.of(batch))
+        shared.maps = list(refiner.pipeline.features(inputs.modalities))
+        for name, pipeline in pipelines.items():
+            masks[name].append(pipeline(inputs).masks.cpu())
+    refiner.release()
+    rows, synthetic, real = [], [], []
+    for name, kept in masks.items():
+        scores = records.scores(torch.cat(kept))
+        label = f"candidate: {name}" + (" (chosen)" if name == calibration.choice else "")
+        rows.append({"masks": label, "synthetic_mean_f1": calibration.scores[name]["mean_f1"], **scores})
+        synthetic.append(calibration.scores[name]["mean_f1"])
+        real.append(scores["mean_f1_defective"])
+    return rows, spearman(synthetic, real)
+
+
+def spearman(first: Sequence[float], second: Sequence[float]) -> float:
+    """Spearman's rank correlation of two sequences (ties get their mean rank); ``nan`` below two values.
+
+    Example:
+        >>> spearman([0.1, 0.5, 0.3], [1.0, 3.0, 2.0]), spearman([1, 2, 3], [3, 2, 1])
+        (1.0, -1.0)
+    """
+    if len(first) < 2:
+        return float("nan")
+
+    def ranks(values: Sequence[float]) -> Tensor:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        order = tensor.argsort()
+        result = torch.empty_like(tensor)
+        result[order] = torch.arange(len(values), dtype=torch.float64)
+        for value in tensor.unique():  # ties share their mean rank
+            tied = tensor == value
+            result[tied] = result[tied].mean()
+        return result
+
+    a, b = ranks(first), ranks(second)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float((a.square().sum() * b.square().sum()).sqrt())
+    return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
 
 
 def panel_indices(count: int, panels: int) -> list[int]:
@@ -466,11 +587,29 @@ def compare_one(
         threshold = threshold_of(run)
         rows.append({**names, "masks": name, "threshold": threshold, **records.scores(maps > threshold)})
     rows.append({**names, "masks": MEBIN_ROW, **records.scores(mebin_recorded(run, config.batch_size))})
+    alone = StableThreshold()(maps, maps > run.anomalib_threshold, run.anomalib_threshold)
+    rows.append({**names, "masks": FALLBACK_ROW, **records.scores(alone)})
     refined: dict[str, Tensor] = {}
+    candidates_measured = False
     for spec in config.refinements:
         advance(f"{dataset.name} / {model_spec.name}: refinement {spec.name}")
-        refined[spec.name], timing = refine_recorded(spec, model, run, config.batch_size)
-        rows.append({**names, "masks": f"refined: {spec.name}", **records.scores(refined[spec.name]), **timing})
+        refiner = spec.build()
+        label = f"refined: {spec.name}"
+        extra: dict[str, Any] = {}
+        if spec.calibrated:
+            calibration = calibrate_recorded(refiner, model, run, config)
+            refiner = BatchRefiner(build_pipeline(refiner.pipeline, calibration.overrides), refiner.gate)
+            label = f"calibrated: {spec.name} (chose {calibration.choice})"
+            extra = {"calibration_seconds": calibration.seconds, "validation_seconds": run.validation_seconds}
+            if not candidates_measured:
+                candidates_measured = True
+                found, correlation = candidate_rows(spec.build(), calibration, model, run, config)
+                extra["rank_correlation"] = correlation
+                rows.extend({**names, **row} for row in found)
+        refined[spec.name], timing = refine_recorded(refiner, model, run, config.batch_size)
+        if timing["images_refined"] == 0 and not label.startswith("calibrated"):
+            label += " (no image refined: the fallback's masks)"
+        rows.append({**names, "masks": label, **records.scores(refined[spec.name]), **timing, **extra})
     folder = Path(config.output) / "panels" / str(dataset.name) / model_spec.name
     write_panels(folder, run, refined, panel_indices(len(records.paths), config.panels))
     for row in rows:
@@ -479,7 +618,8 @@ def compare_one(
 
 
 def run_compare(config: CompareConfig) -> list[dict[str, Any]]:
-    """Run the whole grid with a progress bar, write ``results.csv`` / ``results.md``, print the table.
+    """Run the whole grid with a progress bar, write ``results.csv`` / ``results.md`` after every model x dataset,
+    print the table.
 
     Returns:
         One dict per row of the table (keys :data:`COLUMNS`, plus ``model_ms_per_image``).
@@ -487,6 +627,7 @@ def run_compare(config: CompareConfig) -> list[dict[str, Any]]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     steps = len(config.models) * len(config.datasets) * (1 + len(config.refinements))
+    output = Path(config.output)
     rows: list[dict[str, Any]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn()) as progress:
@@ -501,10 +642,8 @@ def run_compare(config: CompareConfig) -> list[dict[str, Any]]:
         for dataset in config.datasets:
             for model_spec in config.models:
                 rows.extend(compare_one(config, model_spec, dataset, advance))
+                write_results(output, rows)  # after every model x dataset: a stopped run keeps what it measured
         progress.update(task, description="done", completed=steps)
-    output = Path(config.output)
-    write_csv(output / "results.csv", rows)
-    (output / "results.md").write_text(markdown_table(rows))
     print_table(rows)
     print(f"Results: {output / 'results.csv'}, {output / 'results.md'}; panels under {output / 'panels'}")
     return rows
@@ -521,21 +660,27 @@ def _cell(row: dict[str, Any], column: str, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def write_results(output: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``results.csv`` and ``results.md`` under ``output``, replaced by the rows measured so far."""
+    write_csv(output / "results.csv", rows)
+    (output / "results.md").write_text(markdown_table(rows))
+
+
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """All rows, every column (empty where a column does not apply), full precision."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[*COLUMNS, "model_ms_per_image"], restval="")
+        writer = csv.DictWriter(file, fieldnames=[*COLUMNS, *EXTRA_COLUMNS], restval="")
         writer.writeheader()
         writer.writerows(rows)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The table as Markdown, with the model's own test time per image under it.
+    """The table as Markdown, with the model's own test time per image and the calibrations under it.
 
     Example:
         >>> print(markdown_table([{"model": "m", "dataset": "d", "masks": "x", "pixel_f1_all": 0.5}]).splitlines()[2])
-        | m | d | x | - | 0.500 | - | - | - | - | - | - | - | - |
+        | m | d | x | - | 0.500 | - | - | - | - | - | - | - | - | - |
     """
     lines = ["| " + " | ".join(HEADERS[column] for column in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row, column) for column in COLUMNS) + " |" for row in rows]
@@ -546,6 +691,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             f"- {model} on {dataset}: the model's test step took {ms:.0f} ms per image"
             for (model, dataset), ms in timings.items()
         ]
+    lines += [
+        f"- {row['model']} on {row['dataset']}: calibration took {row['calibration_seconds']:.0f} s; rank correlation "
+        f"(Spearman) of the candidates' mean F1 on the synthetic defects with their mean F1 on the test images: "
+        f"{row['rank_correlation']:.2f}"
+        for row in rows
+        if "rank_correlation" in row
+    ]
     return "\n".join(lines) + "\n"
 
 
