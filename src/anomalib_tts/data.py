@@ -3,8 +3,8 @@
 anomalib's ``PredictDataset`` lists the images of a folder and decodes each one as a batch asks for it: one file
 cut off while a camera was writing it (``OSError: image file is truncated``) ends ``anomalib predict`` and loses the
 masks of every image after it. This dataset lists and loads the same images the same way, skips the files that do
-not decode (one warning each) and keeps them in :attr:`TolerantPredictDataset.skipped`, which ``MaskWriter`` and
-``examples/deploy_refinement.py`` write to ``skipped.csv`` (:func:`write_skipped_report`) beside the masks.
+not decode (one warning each) and keeps them in :attr:`TolerantPredictDataset.skipped`, which ``MaskWriter`` (and
+any other caller of :func:`write_skipped_report`) writes to ``skipped.csv`` beside the masks.
 """
 
 import csv
