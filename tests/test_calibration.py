@@ -130,13 +130,32 @@ def test_the_best_candidate_within_the_bounds_is_chosen() -> None:
     assert _choose(scores, candidates, Objective()) == "loud"
 
 
+def test_a_threshold_replaces_the_best_refinement_only_when_clearly_better() -> None:
+    candidates = [Candidate("anomalib", GLOBAL, statistic="max"), Candidate("refined", REFINEMENT)]
+    refined = torch.tensor([0.2, 0.8, 0.3, 0.7, 0.4, 0.6, 0.5, 0.5])
+
+    def choose(threshold: torch.Tensor, margin: float = 2.0) -> str:
+        per_image = {"anomalib": threshold, "refined": refined}
+        scores = {
+            name: {"mean_f1": float(f1.mean()), "pooled_f1": 0.5, "false_alarm_rate": 0.0}
+            for name, f1 in per_image.items()
+        }
+        return _choose(scores, candidates, Objective(switch_margin=margin), per_image)
+
+    noisy = refined + torch.tensor([0.3, -0.2, 0.3, -0.2, 0.3, -0.2, 0.0, 0.0])  # +0.0375 on average, by chance
+    assert choose(noisy) == "refined"
+    assert choose(noisy, margin=0.0) == "anomalib"
+    assert choose(refined + 0.05) == "anomalib"  # better on every image
+    assert choose(refined - 0.05) == "refined"
+
+
 def test_calibration_chooses_the_best_eligible_candidate_of_its_own_scores() -> None:
     """Every default candidate is scored on the same synthetic defects; the choice is the best one in bounds."""
     images = good_images(count=4, size=48)
     maps = BlurredDeviation()(images)
     calibration = calibrate(
         RefinementPipeline(features=ImageFeatures(windows=(3,))), images, maps, BlurredDeviation(),
-        normalization_of(maps), defects=SyntheticDefects(per_image=2), seed=1,
+        normalization_of(maps), defects=SyntheticDefects(per_image=2), seed=1, objective=Objective(switch_margin=0.0),
     )  # fmt: skip
     assert set(calibration.scores) == {candidate.name for candidate in DEFAULT_CANDIDATES}
     eligible = {name: row for name, row in calibration.scores.items() if row["eligible"]}

@@ -4,7 +4,8 @@
 (:class:`~anomalib_tts.calibration.defects.SyntheticDefects`), scores them with the model, binarizes the maps with
 every :class:`~anomalib_tts.calibration.candidates.Candidate`, and chooses the candidate with the best mean per-image
 F1 over the defective images among those that raise no more false alarms on the good images than anomalib's own
-threshold does there, or than a cap (:class:`Objective`). Nothing of a test set is read, so every test set is a held-out set for it.
+threshold does there, or than a cap; a threshold replaces the best refinement only where it is clearly better
+(:class:`Objective`). Nothing of a test set is read, so every test set is a held-out set for it.
 
 Each good image is scored as a test image would be: anomalib normalizes maps with statistics of the validation
 images (with good images only, its pixel threshold is their highest pixel score), and a test image is never among
@@ -27,6 +28,7 @@ from torch import Tensor
 from anomalib_tts.calibration.candidates import (
     DEFAULT_CANDIDATES,
     GLOBAL,
+    REFINEMENT,
     THRESHOLD_STATISTICS,
     Candidate,
     Overrides,
@@ -72,10 +74,16 @@ class Objective:
             threshold on the same images is what holds).
         pooled_tolerance: A candidate's pixel F1 pooled over all images may fall at most this much below anomalib's
             threshold's; ``None`` does not bound it.
+        switch_margin: A threshold (global or per image) is chosen over the best eligible refinement only when its
+            mean F1 is higher by more than this many standard errors of their paired per-image difference: the
+            top candidates on the synthetic defects are often within a few hundredths of each other, where their
+            order says little about the real defects, and refinement is what the product is for (0: the best
+            mean F1 wins).
     """
 
     false_alarm_cap: float = 0.25
     pooled_tolerance: float | None = None
+    switch_margin: float = 2.0
 
 
 @dataclass
@@ -157,10 +165,15 @@ def _f1(masks: Tensor, truth: Tensor) -> Tensor:
     return torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total))
 
 
+def _per_image_f1(masks: Tensor, truth: Tensor, good: Tensor) -> Tensor:
+    """F1 of each defective image's mask."""
+    return _f1(masks[~good], truth[~good])
+
+
 def _scores(masks: Tensor, truth: Tensor, good: Tensor, seen: Tensor) -> dict[str, float]:
     defective = ~good
     pooled = _f1(masks.flatten()[None], truth.flatten()[None])[0]
-    per_image = _f1(masks[defective], truth[defective])
+    per_image = _per_image_f1(masks, truth, good)
     seen_defects = seen[defective]
     return {
         "mean_f1": float(per_image.mean()),
@@ -286,8 +299,10 @@ def calibrate(
             progress(done + 1, len(batches))
 
     seen_all = torch.cat(seen)
-    scores = {name: _scores(torch.cat(kept), truth, good, seen_all) for name, kept in masks.items()}
-    choice = _choose(scores, candidates, objective)
+    masks_all = {name: torch.cat(kept) for name, kept in masks.items()}
+    scores = {name: _scores(kept, truth, good, seen_all) for name, kept in masks_all.items()}
+    per_image = {name: _per_image_f1(kept, truth, good) for name, kept in masks_all.items()}
+    choice = _choose(scores, candidates, objective, per_image)
     chosen = next(candidate for candidate in candidates if candidate.name == choice)
     return Calibration(
         choice=choice,
@@ -343,8 +358,15 @@ def _held_out_thresholds(
     return thresholds
 
 
-def _choose(scores: dict[str, dict[str, float]], candidates: Sequence[Candidate], objective: Objective) -> str:
-    """The eligible candidate with the best mean F1 (the first on ties); marks ``eligible`` in ``scores``."""
+def _choose(
+    scores: dict[str, dict[str, float]],
+    candidates: Sequence[Candidate],
+    objective: Objective,
+    per_image: dict[str, Tensor] | None = None,
+) -> str:
+    """The eligible candidate with the best mean F1 (the first on ties), where a threshold must beat the best eligible
+    refinement by ``objective.switch_margin`` standard errors of their paired per-image F1 difference (``per_image``;
+    without it, the best mean F1 wins); marks ``eligible`` in ``scores``."""
     reference = next(
         (candidate.name for candidate in candidates if candidate.family == GLOBAL and candidate.statistic == "max"),
         None,
@@ -353,13 +375,25 @@ def _choose(scores: dict[str, dict[str, float]], candidates: Sequence[Candidate]
     alarm_cap = max(objective.false_alarm_cap, reference_alarms)
     bounded = reference is not None and objective.pooled_tolerance is not None
     pooled_floor = scores[reference]["pooled_f1"] - objective.pooled_tolerance if bounded else -math.inf
-    best, best_f1 = None, -math.inf
+    best: dict[bool, str] = {}  # per family kind (refinement or not), the eligible candidate with the best mean F1
     for candidate in candidates:
         row = scores[candidate.name]
         row["eligible"] = float(row["false_alarm_rate"] <= alarm_cap + 1e-9 and row["pooled_f1"] >= pooled_floor)
-        if row["eligible"] and row["mean_f1"] > best_f1:
-            best, best_f1 = candidate.name, row["mean_f1"]
-    return best if best is not None else (reference or candidates[0].name)
+        refines = candidate.family == REFINEMENT
+        if row["eligible"] and (refines not in best or row["mean_f1"] > scores[best[refines]]["mean_f1"]):
+            best[refines] = candidate.name
+    if not best:
+        return reference or candidates[0].name
+    if len(best) == 1:
+        return next(iter(best.values()))
+    refined, threshold = best[True], best[False]
+    if scores[threshold]["mean_f1"] <= scores[refined]["mean_f1"]:
+        return refined
+    if per_image is None or objective.switch_margin <= 0:
+        return threshold
+    difference = (per_image[threshold] - per_image[refined]).double()
+    error = float(difference.std() / math.sqrt(difference.numel())) if difference.numel() > 1 else 0.0
+    return threshold if float(difference.mean()) > objective.switch_margin * error else refined
 
 
 def candidate_overrides(candidate: Candidate, raw_maps: Tensor, normalization: Normalization) -> Overrides:
