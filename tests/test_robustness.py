@@ -499,14 +499,20 @@ def test_a_checkpoint_written_with_the_callback_loads_with_and_without_it(
     with_callback = torch.load(written, map_location="cpu", weights_only=False)
     without_callback = torch.load(padim_checkpoint, map_location="cpu", weights_only=False)
     assert with_callback["state_dict"].keys() == without_callback["state_dict"].keys()
-    assert with_callback.get("callbacks", {}).keys() == without_callback.get("callbacks", {}).keys()
+    # the callback adds its calibration, as plain data, beside the callbacks' states anomalib saves anyway
+    saved = with_callback.get("callbacks", {})
+    assert saved.keys() - without_callback.get("callbacks", {}).keys() == {"TestTimeSegmentation"}
+    calibration = saved["TestTimeSegmentation"]["calibration"]
+    assert calibration["choice"] in calibration["scores"]
     assert "TestTimeSegmentation" not in str(with_callback.get("hyper_parameters", {}))
 
     make_padim().load_state_dict(with_callback["state_dict"], strict=True)  # loads into a model without it
-    refined = engine("refined", [TestTimeSegmentation(features="model")]).test(
+    testing = TestTimeSegmentation(features="model")
+    tested = engine("refined", [testing]).test(  # and into a run with it, which uses the saved choice
         make_padim(), datamodule=make_datamodule(synthetic_root), ckpt_path=written
     )
-    assert refined[0]["tts_images_refined"] > 0  # and into a run with it
+    assert testing.calibration is not None and testing.calibration.to_dict() == calibration
+    assert tested[0]["tts_images_refined"] + tested[0]["tts_images_fallback"] > 0
 
 
 # --- dtypes and devices ---------------------------------------------------------------------------------------
