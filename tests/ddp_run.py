@@ -39,7 +39,7 @@ def run(stage: str, root: Path, checkpoint: Path, out: Path, devices: int) -> No
     """One ``engine.test`` or ``engine.predict`` run; each rank saves what it refined."""
     from anomalib.engine import Engine
 
-    callback = TestTimeSegmentation(features="model")
+    callback = TestTimeSegmentation(features="model", calibrate=False)  # the refinement itself, identical across ranks
     recorder = MaskRecorder(keep_maps=True)
     engine = Engine(
         accelerator="cpu",

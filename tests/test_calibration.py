@@ -168,7 +168,9 @@ def test_too_few_good_images_is_a_clear_error() -> None:
     images = good_images(count=2)
     maps = BlurredDeviation()(images)
     with pytest.raises(TooFewImagesError, match="at least 3 good validation images, got 2"):
-        calibrate(RefinementPipeline(features=ImageFeatures()), images, maps, BlurredDeviation(), normalization_of(maps))
+        calibrate(
+            RefinementPipeline(features=ImageFeatures()), images, maps, BlurredDeviation(), normalization_of(maps)
+        )
 
 
 # --- the saved choice

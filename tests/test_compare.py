@@ -173,7 +173,14 @@ def test_compare_writes_every_row_and_column(compared: Path) -> None:
         rows = list(reader)
     assert reader.fieldnames == [*COLUMNS, *EXTRA_COLUMNS]
     candidates = [f"candidate: {candidate.name}" for candidate in DEFAULT_CANDIDATES]
-    expected = [*BASELINES, MEBIN_ROW, FALLBACK_ROW, *candidates, "calibrated: model features", "refined: as configured"]
+    expected = [
+        *BASELINES,
+        MEBIN_ROW,
+        FALLBACK_ROW,
+        *candidates,
+        "calibrated: model features",
+        "refined: as configured",
+    ]
     found = [(row["dataset"], row["masks"].removesuffix(" (chosen)").split(" (chose ")[0]) for row in rows]
     assert found == [(name, masks) for name in ("loaded", "fitted") for masks in expected]
     markdown = (compared / "results.md").read_text()

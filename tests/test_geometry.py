@@ -248,7 +248,9 @@ def test_anomalib_mvtec3d_depth_maps_reach_the_callback_in_engine_test(
         pre_processor=Padim.configure_pre_processor(image_size=(128, 128)),
     )
     recorder = RecordingGeometry()
-    callback = TestTimeSegmentation(features=RgbdFeatures("model", geometry=recorder, expect_depth=True), calibrate=False)
+    callback = TestTimeSegmentation(
+        features=RgbdFeatures("model", geometry=recorder, expect_depth=True), calibrate=False
+    )
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[callback])
     engine.fit(model, datamodule=MVTec3D(train_batch_size=8, **arguments))  # trains under pandas 3
     with caplog.at_level(logging.WARNING, logger=GEOMETRY_LOGGER):

@@ -389,7 +389,7 @@ def test_validate_resets_and_logs_the_statistics_as_test_does(
 ) -> None:
     from anomalib.engine import Engine
 
-    callback = TestTimeSegmentation(features="model", stages=["validate"])
+    callback = TestTimeSegmentation(features="model", stages=["validate"], calibrate=False)
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, callbacks=[callback])
     datamodule = make_datamodule(synthetic_root)
     counted, logged = [], []

@@ -149,7 +149,9 @@ def test_cpu_fast_paths_give_the_masks_of_the_straightforward_path_bit_for_bit(
 def test_the_draw_on_the_host_is_the_draw_over_every_pixel() -> None:
     generator = torch.Generator().manual_seed(5)
     for batch_size, pixels, cap in ((1, 4096, 1000), (3, 1000, 50), (2, 300, 400)):
-        candidates = torch.rand(batch_size, pixels, generator=generator) < torch.rand(batch_size, 1, generator=generator)
+        candidates = torch.rand(batch_size, pixels, generator=generator) < torch.rand(
+            batch_size, 1, generator=generator
+        )
         candidates[0] = False  # a row with no candidate
         seeds = torch.randint(-(2**40), 2**40, (batch_size,), generator=generator)
         for stream in (1, tuple(range(batch_size)), torch.arange(batch_size) + 2**33):

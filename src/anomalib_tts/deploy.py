@@ -53,6 +53,7 @@ def read_calibration(path: str | Path) -> Calibration | None:
     saved = state.get("calibration")
     return None if saved is None else Calibration.from_dict(saved)
 
+
 __all__ = ["SegmentationRefiner"]
 
 
