@@ -170,11 +170,10 @@ def _per_image_f1(masks: Tensor, truth: Tensor, good: Tensor) -> Tensor:
     return _f1(masks[~good], truth[~good])
 
 
-def _scores(masks: Tensor, truth: Tensor, good: Tensor, seen: Tensor) -> dict[str, float]:
-    defective = ~good
+def _scores(masks: Tensor, truth: Tensor, good: Tensor, seen: Tensor, per_image: Tensor) -> dict[str, float]:
+    """The candidate's row of :attr:`Calibration.scores`; ``per_image`` is :func:`_per_image_f1` of ``masks``."""
     pooled = _f1(masks.flatten()[None], truth.flatten()[None])[0]
-    per_image = _per_image_f1(masks, truth, good)
-    seen_defects = seen[defective]
+    seen_defects = seen[~good]
     return {
         "mean_f1": float(per_image.mean()),
         "mean_f1_seen": float(per_image[seen_defects].mean()) if bool(seen_defects.any()) else float("nan"),
@@ -300,8 +299,8 @@ def calibrate(
 
     seen_all = torch.cat(seen)
     masks_all = {name: torch.cat(kept) for name, kept in masks.items()}
-    scores = {name: _scores(kept, truth, good, seen_all) for name, kept in masks_all.items()}
     per_image = {name: _per_image_f1(kept, truth, good) for name, kept in masks_all.items()}
+    scores = {name: _scores(kept, truth, good, seen_all, per_image[name]) for name, kept in masks_all.items()}
     choice = _choose(scores, candidates, objective, per_image)
     chosen = next(candidate for candidate in candidates if candidate.name == choice)
     return Calibration(
