@@ -20,7 +20,10 @@ GPU also ``syncs``, the host's waits for the device (``cudaStreamSynchronize``, 
 ``Ex`` forms, ``cudaGraphLaunch``). Only events inside the refinement's range are counted, not the model's step.
 ``--stages`` prints, from the same profiled pass, where the refinement's time goes per image (the refiner's
 ``tts.*`` ranges); on a GPU these are the times of the host code that launches each stage. ``--threads`` sets
-torch's CPU threads.
+torch's CPU threads. ``--accelerator-path`` runs that profiled pass on the code paths an accelerator takes, also on
+a CPU (:func:`anomalib_tts.pipeline.devices.accelerator_path`: no shortcut that reads a value back), so that its
+``reads`` are what a GPU would wait for, as far as a CPU can see them (operators that synchronise only on a GPU,
+such as ``nonzero``, read nothing on a CPU).
 
 ``--check-masks`` also refines every test image twice, with the default layout (the linear model projected at
 each feature level's resolution, only the score map upsampled) and with an unoptimized one that classifies the
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import gc
 import json
 import os
@@ -61,6 +65,7 @@ from anomalib_tts.lightning.callback import RawMapKeeper, TestTimeSegmentation
 from anomalib_tts.metrics import f1_score
 from anomalib_tts.pipeline import RefinementInputs, RefinementPipeline
 from anomalib_tts.pipeline.classifiers import Decision, LinearDecision, LogisticRegression, PixelClassifier
+from anomalib_tts.pipeline.devices import accelerator_path
 from anomalib_tts.pipeline.features import FeatureSource, Modalities, TimmFeatures
 from anomalib_tts.pipeline.refinement import STAGE_PREFIX
 from anomalib_tts.pipeline.sampling import path_seeds
@@ -363,7 +368,9 @@ def measure(
         model_only.peak / 2**20,
         with_refinement.peak / 2**20,
     )
-    row.stage_ms, row.counts = profiled_pass(model, trainer, datamodule, device, num_batches)
+    counting = accelerator_path() if arguments.accelerator_path else contextlib.nullcontext()
+    with counting:
+        row.stage_ms, row.counts = profiled_pass(model, trainer, datamodule, device, num_batches)
     return row
 
 
@@ -462,6 +469,11 @@ def main() -> None:
     parser.add_argument("--check-masks", action="store_true", help="compare with the full-resolution path")
     parser.add_argument("--stages", action="store_true", help="also print the refinement's time per stage")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--accelerator-path",
+        action="store_true",
+        help="profile (count) the refinement on the code paths of an accelerator, also on CPU",
+    )
     parser.add_argument(
         "--classifier-args",
         type=json.loads,
