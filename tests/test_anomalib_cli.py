@@ -219,7 +219,14 @@ def test_every_config_trains_tests_and_predicts_offline_with_its_documented_argu
     make_mvtec3d_dataset(tmp_path / "data3d", n_train=6, n_test_good=2, n_test_defect=4, image_size=64)
     cache, imagenette = _efficient_ad_stand_ins(tmp_path / "efficient_ad")
     configs = _configs("trainer")
-    extra = {"efficient_ad": ["--model.init_args.imagenet_dir", str(imagenette)]}
+    extra = {
+        "efficient_ad": ["--model.init_args.imagenet_dir", str(imagenette)],
+        # its defects are in the point clouds only, so PatchCore's RGB maps give confident positives in at most
+        # one of the 6 test images; which candidate a calibration on 6 good images picks then varies with the
+        # coreset's random start and with the data's folder (sampling seeds come from file paths), and some pick
+        # gates that refine none. The calibration through anomalib's CLI is tested in test_calibration.py.
+        "patchcore_mvtec3d": ["--seed_everything", "0", "--trainer.callbacks.init_args.calibrate", "false"],
+    }
     extra_train = {"efficient_ad": ["--trainer.limit_train_batches", "1"]}  # ~9 s per step of batch size 1 here
     # the generated 64 px images at 64 px (a sixteenth of the default 256 px to fit and refine), except for
     # EfficientAd: its autoencoder needs 256 px, and its own PreProcessor does not normalize
